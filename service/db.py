@@ -1,0 +1,90 @@
+"""Engine and session handling shared by the web service, the CLI and the workers.
+
+Nothing here connects at import time: :class:`Database` builds a lazy SQLAlchemy engine, and the Flask
+integration opens one session per request on first use and closes it at teardown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from flask import Flask, current_app, g
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+_EXTENSION_KEY = "maskmill.db"
+
+
+def make_engine(url: str, *, echo: bool = False) -> Engine:
+    """Create an engine with the per-dialect settings the project relies on."""
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url,
+            echo=echo,
+            # The embedded default serves requests from several threads (gunicorn gthread, the
+            # in-process job runner); sqlite3 objects are safe to share with this flag off.
+            connect_args={"check_same_thread": False, "timeout": 30},
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record) -> None:
+            # SQLite does not enforce foreign keys unless asked, per connection; WAL lets readers
+            # proceed while a writer commits.
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+class Database:
+    """An engine plus its session factory."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = url
+        self.engine = make_engine(url, echo=echo)
+        self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session for scripts and jobs: rolled back on error, always closed; commit explicitly."""
+        session = self.sessionmaker()
+        try:
+            yield session
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def init_app(app: Flask, database: Database) -> None:
+    app.extensions[_EXTENSION_KEY] = database
+
+    @app.teardown_appcontext
+    def _close_session(exc: BaseException | None) -> None:
+        session: Session | None = g.pop("db_session", None)
+        if session is not None:
+            if exc is not None:
+                session.rollback()
+            session.close()
+
+
+def get_database(app: Flask | None = None) -> Database:
+    return (app or current_app).extensions[_EXTENSION_KEY]
+
+
+def get_session() -> Session:
+    """The request's session, opened on first use."""
+    session = g.get("db_session")
+    if session is None:
+        session = get_database().sessionmaker()
+        g.db_session = session
+    return session

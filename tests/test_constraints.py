@@ -1,0 +1,241 @@
+"""The database itself refuses rows that break the domain's invariants, on PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service import migrate
+from service.auth import create_api_key
+from service.db import Database
+from service.models import (
+    Answer,
+    Assignment,
+    Backend,
+    Campaign,
+    Cluster,
+    Hit,
+    Image,
+    Project,
+    ProjectClass,
+    Question,
+    QuestionKind,
+    Round,
+    Tree,
+    Worker,
+)
+
+
+@pytest.fixture(scope="module")
+def migrated_sqlite_url(tmp_path_factory) -> str:
+    url = f"sqlite:///{tmp_path_factory.mktemp('constraints') / 'db.sqlite'}"
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def session(request) -> Iterator[Session]:
+    if request.param == "postgres":
+        url = request.getfixturevalue("migrated_pg_url")
+    else:
+        url = request.getfixturevalue("migrated_sqlite_url")
+    database = Database(url)
+    with database.session() as s:
+        yield s
+    database.dispose()
+
+
+@pytest.fixture()
+def world(session: Session) -> dict:
+    """A minimal valid graph of rows to break one field at a time."""
+    key, _ = create_api_key(session, "owner")
+    project = Project(name="p", api_key_id=key.id, params={})
+    project.classes = [ProjectClass(name="chair")]
+    session.add(project)
+    session.flush()
+    image = Image(project_id=project.id, file_name="a.jpg", uri="file:///a.jpg", width=4, height=3)
+    rnd = Round(project_id=project.id, number=1)
+    session.add_all([image, rnd])
+    session.flush()
+    tree = Tree(
+        project_id=project.id,
+        round_id=rnd.id,
+        class_id=project.classes[0].id,
+        uri="file:///t.npz",
+        mask_count=10,
+    )
+    session.add(tree)
+    session.flush()
+    cluster = Cluster(
+        project_id=project.id, tree_id=tree.id, node=18, lo=0, hi=10, size=10, score=0.9
+    )
+    campaign = Campaign(
+        project_id=project.id,
+        backend=Backend.LOCAL,
+        budget_micros=10_000_000,
+        reward_per_hit_micros=100_000,
+    )
+    session.add_all([cluster, campaign])
+    session.flush()
+    worker = Worker(backend=Backend.LOCAL, external_id=f"w-{project.id}", project_id=project.id)
+    hit = Hit(campaign_id=campaign.id, cost_micros=120_000)
+    session.add_all([worker, hit])
+    session.flush()
+    assignment = Assignment(
+        hit_id=hit.id,
+        worker_id=worker.id,
+        public_id=f"a-{hit.id}",
+        lease_expires_at=campaign.created_at,
+    )
+    question = Question(
+        public_id=f"q-{hit.id}",
+        kind=QuestionKind.SAMPLE,
+        hit_id=hit.id,
+        cluster_id=cluster.id,
+        tree_id=tree.id,
+        leaf_pos=3,
+    )
+    session.add_all([assignment, question])
+    session.flush()
+    session.commit()
+    return {
+        "project": project,
+        "tree": tree,
+        "cluster": cluster,
+        "campaign": campaign,
+        "worker": worker,
+        "assignment": assignment,
+        "question": question,
+        "hit": hit,
+    }
+
+
+def _rejected(session: Session, action) -> None:
+    with pytest.raises(IntegrityError):
+        action()
+        session.flush()
+    session.rollback()
+
+
+def test_valid_world_is_accepted(session, world):
+    assert world["cluster"].id is not None
+
+
+def test_negative_budget_rejected(session, world):
+    campaign = Campaign(
+        project_id=world["project"].id,
+        backend=Backend.LOCAL,
+        budget_micros=-1,
+        reward_per_hit_micros=0,
+    )
+    _rejected(session, lambda: session.add(campaign))
+
+
+def test_overspend_rejected(session, world):
+    campaign_id = world["campaign"].id
+
+    def overspend():
+        session.execute(
+            update(Campaign)
+            .where(Campaign.id == campaign_id)
+            .values(reserved_micros=6_000_000, spent_micros=4_000_001)
+        )
+
+    _rejected(session, overspend)
+    # exactly the budget is fine
+    session.execute(
+        update(Campaign)
+        .where(Campaign.id == campaign_id)
+        .values(reserved_micros=6_000_000, spent_micros=4_000_000)
+    )
+    session.flush()
+    session.rollback()
+
+
+def test_duplicate_answer_rejected(session, world):
+    def answer():
+        return Answer(
+            question_id=world["question"].id,
+            assignment_id=world["assignment"].id,
+            worker_id=world["worker"].id,
+            value=True,
+            ms=900,
+        )
+
+    session.add(answer())
+    session.commit()
+    _rejected(session, lambda: session.add(answer()))
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(5, 5), (6, 5), (-1, 3)])
+def test_bad_cluster_range_rejected(session, world, lo, hi):
+    cluster = Cluster(
+        project_id=world["project"].id,
+        tree_id=world["tree"].id,
+        node=99,
+        lo=lo,
+        hi=hi,
+        size=hi - lo,
+        score=0.5,
+    )
+    _rejected(session, lambda: session.add(cluster))
+
+
+def test_cluster_size_must_match_range(session, world):
+    cluster = Cluster(
+        project_id=world["project"].id,
+        tree_id=world["tree"].id,
+        node=98,
+        lo=0,
+        hi=4,
+        size=3,
+        score=0.5,
+    )
+    _rejected(session, lambda: session.add(cluster))
+
+
+def test_cluster_project_must_match_tree(session, world):
+    key, _ = create_api_key(session, "other")
+    other = Project(name="other", api_key_id=key.id, params={})
+    session.add(other)
+    session.flush()
+    cluster = Cluster(
+        project_id=other.id, tree_id=world["tree"].id, node=97, lo=0, hi=2, size=2, score=0.5
+    )
+    _rejected(session, lambda: session.add(cluster))
+
+
+def test_sample_question_needs_a_leaf(session, world):
+    question = Question(
+        public_id="q-broken",
+        kind=QuestionKind.SAMPLE,
+        hit_id=world["hit"].id,
+        cluster_id=world["cluster"].id,
+        tree_id=world["tree"].id,
+        leaf_pos=None,
+    )
+    _rejected(session, lambda: session.add(question))
+
+
+def test_unknown_enum_value_rejected(session, world):
+    from sqlalchemy import text
+
+    _rejected(
+        session,
+        lambda: session.execute(
+            text("UPDATE campaigns SET status = 'bogus' WHERE id = :id"),
+            {"id": world["campaign"].id},
+        ),
+    )
+
+
+def test_blocked_worker_needs_reason(session, world):
+    worker_id = world["worker"].id
+    _rejected(
+        session,
+        lambda: session.execute(update(Worker).where(Worker.id == worker_id).values(blocked=True)),
+    )
