@@ -46,7 +46,7 @@ class Setting:
     field: str
     default: str
     help: str
-    kind: str = "str"  # str | int | bool | path
+    kind: str = "str"  # str | int | bool | intlist
     minimum: int = 0
 
     def parse(self, raw: str) -> Any:
@@ -54,6 +54,9 @@ class Setting:
             return _parse_int(self.env, raw, self.minimum)
         if self.kind == "bool":
             return _parse_bool(self.env, raw)
+        if self.kind == "intlist":
+            items = [item for item in raw.replace(" ", "").split(",") if item]
+            return tuple(_parse_int(self.env, item, self.minimum) for item in items)
         return raw.strip()
 
 
@@ -103,6 +106,13 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "secret for signing worker sessions; empty generates a per-process key (dev only)",
     ),
+    Setting(
+        "MASKMILL_JOB_RETRY_DELAYS",
+        "job_retry_delays",
+        "2,10,60",
+        "seconds between retries of a job's transient failures (one retry per number)",
+        kind="intlist",
+    ),
     Setting("MASKMILL_LOG_LEVEL", "log_level", "INFO", "Python logging level"),
 )
 
@@ -118,6 +128,7 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024
     public_url: str = "http://127.0.0.1:8000"
     secret_key: str = ""
+    job_retry_delays: tuple[int, ...] = (2, 10, 60)
     log_level: str = "INFO"
     testing: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)

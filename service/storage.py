@@ -8,12 +8,13 @@ and symlinks pointing out. Writes are atomic (temp file + rename), so a reader n
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 class StorageError(ValueError):
@@ -136,10 +137,80 @@ class LocalStorage(Storage):
             self.path(key).unlink()
 
 
+class S3Storage(Storage):
+    """An S3 bucket (and key prefix) through boto3. Credentials, region and endpoint come from the
+    standard AWS environment/configuration (``AWS_ENDPOINT_URL`` for S3-compatible stores).
+
+    A PUT is atomic in S3, so buffering a write and uploading it on close gives the same guarantee as
+    the local backend: readers see the whole object or nothing.
+    """
+
+    scheme = "s3"
+
+    def __init__(self, bucket: str, prefix: str = "", client: Any = None) -> None:
+        if not bucket:
+            raise StorageError("an S3 storage URL needs a bucket: s3://bucket/prefix")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        if client is None:
+            import boto3
+
+            client = boto3.client("s3")
+        self.client = client
+
+    def _object_key(self, key: str) -> str:
+        normal = validate_key(key)
+        return f"{self.prefix}/{normal}" if self.prefix else normal
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._object_key(key)}"
+
+    def key_from_uri(self, uri: str) -> str:
+        head = f"s3://{self.bucket}/" + (f"{self.prefix}/" if self.prefix else "")
+        if not uri.startswith(head):
+            raise StorageError(f"{uri!r} is not in s3://{self.bucket}/{self.prefix}")
+        return validate_key(uri[len(head) :])
+
+    @contextlib.contextmanager
+    def open_write(self, key: str) -> Iterator[BinaryIO]:
+        object_key = self._object_key(key)
+        buffer = io.BytesIO()
+        yield buffer
+        self.client.put_object(Bucket=self.bucket, Key=object_key, Body=buffer.getvalue())
+
+    def open_read(self, key: str) -> BinaryIO:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise StorageError(f"no object stored at {key!r}") from None
+            raise
+        return io.BytesIO(response["Body"].read())
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return False
+            raise
+        return True
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key))
+
+
 def open_storage(url: str) -> Storage:
-    """Storage for a ``MASKMILL_STORAGE_URL``: a directory path or ``file://`` URL."""
+    """Storage for a ``MASKMILL_STORAGE_URL``: a directory path, ``file://`` URL or ``s3://``."""
     if url.startswith("s3://"):
-        raise StorageError("the S3 storage backend is not available yet; use a local directory")
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        return S3Storage(bucket, prefix)
     if "://" in url and not url.startswith("file://"):
-        raise StorageError(f"unsupported storage URL {url!r}: use a directory path")
+        raise StorageError(
+            f"unsupported storage URL {url!r}: use a directory or s3://bucket/prefix"
+        )
     return LocalStorage(url.removeprefix("file://"))

@@ -87,3 +87,41 @@ def test_open_storage_urls(tmp_path):
     assert isinstance(open_storage(f"file://{tmp_path}"), LocalStorage)
     with pytest.raises(StorageError):
         open_storage("ftp://host/x")
+
+
+@pytest.fixture()
+def s3(monkeypatch):
+    import boto3
+    from moto import mock_aws
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with mock_aws():
+        boto3.client("s3").create_bucket(Bucket="masks")
+        yield open_storage("s3://masks/prod")
+
+
+def test_s3_round_trip(s3):
+    uri = s3.put_bytes("trees/1.npz", b"payload")
+    assert uri == "s3://masks/prod/trees/1.npz"
+    assert s3.key_from_uri(uri) == "trees/1.npz"
+    assert s3.exists("trees/1.npz") and not s3.exists("trees/2.npz")
+    assert s3.get_bytes("trees/1.npz") == b"payload"
+    s3.delete("trees/1.npz")
+    with pytest.raises(StorageError, match="no object"):
+        s3.open_read("trees/1.npz")
+
+
+def test_s3_refuses_escapes_and_foreign_uris(s3):
+    with pytest.raises(StorageError):
+        s3.put_bytes("../other-prefix/x", b"x")
+    with pytest.raises(StorageError):
+        s3.key_from_uri("s3://other-bucket/prod/x")
+
+
+def test_s3_failed_write_uploads_nothing(s3):
+    with pytest.raises(RuntimeError), s3.open_write("half.bin") as handle:
+        handle.write(b"partial")
+        raise RuntimeError("crash")
+    assert not s3.exists("half.bin")

@@ -8,7 +8,7 @@ from flask import Blueprint, g, jsonify
 from pydantic import Field, field_validator
 from sqlalchemy import select
 
-from service.api.validation import Body, parse
+from service.api.validation import Body, accepts, parse
 from service.auth import require_api_key
 from service.db import get_session
 from service.engine.policy import PolicyParams
@@ -65,7 +65,9 @@ def owned_project(project_id: int) -> Project:
 
 @bp.post("")
 @require_api_key
+@accepts(ProjectCreate)
 def create_project():
+    """Create a project with its classes and (optional) policy parameters."""
     body = parse(ProjectCreate)
     params = validate_params(body.params)
     session = get_session()
@@ -79,6 +81,7 @@ def create_project():
 @bp.get("")
 @require_api_key
 def list_projects():
+    """List the caller's projects."""
     projects = get_session().scalars(
         select(Project).where(Project.api_key_id == g.api_key.id).order_by(Project.id)
     )
@@ -88,4 +91,5 @@ def list_projects():
 @bp.get("/<int:project_id>")
 @require_api_key
 def get_project(project_id: int):
+    """One of the caller's projects."""
     return jsonify(project_json(owned_project(project_id)))

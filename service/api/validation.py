@@ -52,6 +52,16 @@ def describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def accepts(model: type[BaseModel]):
+    """Declare a view's request body model (the OpenAPI document reads it)."""
+
+    def mark(view):
+        view.body_model = model
+        return view
+
+    return mark
+
+
 def parse(model: type[M], payload: Any | None = None) -> M:
     data = json_payload() if payload is None else payload
     if not isinstance(data, dict):
