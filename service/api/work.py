@@ -1,0 +1,189 @@
+"""The worker side of the API: qualification test, claiming HITs, answering them.
+
+Workers authenticate with the token of their invite (header ``X-Worker-Token`` or ``?token=``).
+Payloads never reveal which questions are gold: every question is ``{id, image_url, class_name}``
+with a random id and the same URL scheme, in shuffled order, and answers are acknowledged with
+counts only.
+
+Each write runs in one transaction, retried a few times if PostgreSQL aborts it for a deadlock or a
+serialization failure (safe: every write here is idempotent -- answers are ``ON CONFLICT DO NOTHING``
+and a claim resumes the worker's open assignment).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from flask import Blueprint, jsonify, request
+from pydantic import Field
+from sqlalchemy import bindparam, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from service.api.validation import Body, accepts, parse
+from service.auth import hash_secret
+from service.crowd import CrowdError
+from service.crowd.hits import WorkerRow, claim, record_answers
+from service.crowd.qualification import grade_test, qualification_params, start_test
+from service.crowd.quality import finalize_assignment
+from service.db import get_session
+from service.errors import ApiError
+from service.models import Backend, Worker
+
+bp = Blueprint("work", __name__, url_prefix="/api/v1/work")
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: SQLSTATEs worth retrying: serialization_failure, deadlock_detected.
+_RETRYABLE = {"40001", "40P01"}
+_ATTEMPTS = 3
+
+
+class AnswerIn(Body):
+    question_id: str = Field(min_length=1, max_length=64)
+    value: bool
+    ms: int = Field(ge=0, le=24 * 3600 * 1000)
+
+
+class AnswersIn(Body):
+    answers: list[AnswerIn] = Field(min_length=1, max_length=1000)
+
+
+@bp.errorhandler(CrowdError)
+def _crowd_error(exc: CrowdError):
+    error = ApiError(exc.status, exc.code, exc.message, **exc.details)
+    response = jsonify(error.body())
+    response.status_code = exc.status
+    if exc.status == 429 and "retry_after_s" in exc.details:
+        response.headers["Retry-After"] = str(exc.details["retry_after_s"])
+    return response
+
+
+def _retryable(exc: DBAPIError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) in _RETRYABLE
+
+
+def in_transaction(work: Callable[[Session], T]) -> T:
+    """Run ``work`` and commit; retry on deadlock / serialization failure; on a refusal, commit
+    first if the refusal says its writes stand (``CrowdError.persist``)."""
+    session = get_session()
+    for attempt in range(_ATTEMPTS):
+        try:
+            result = work(session)
+            session.commit()
+            return result
+        except CrowdError as exc:
+            if exc.persist:
+                session.commit()
+            else:
+                session.rollback()
+            raise
+        except DBAPIError as exc:
+            session.rollback()
+            if not _retryable(exc) or attempt == _ATTEMPTS - 1:
+                raise
+            log.info("retrying a worker request after %s", type(exc.orig).__name__)
+    raise AssertionError("unreachable")
+
+
+def _token() -> str:
+    token = request.headers.get("X-Worker-Token") or request.args.get("token") or ""
+    if not token.strip():
+        raise ApiError(401, "unauthorized", "send the invite token as 'X-Worker-Token: <token>'")
+    return token.strip()
+
+
+_W = Worker.__table__
+_BY_TOKEN = select(
+    _W.c.id, _W.c.project_id, _W.c.backend, _W.c.qualified, _W.c.blocked, _W.c.blocked_reason
+).where(_W.c.token_hash == bindparam("token_hash"))
+
+
+def current_worker() -> WorkerRow:
+    row = get_session().execute(_BY_TOKEN, {"token_hash": hash_secret(_token())}).first()
+    if row is None:
+        raise ApiError(401, "unauthorized", "the worker token is not valid")
+    return WorkerRow(row[0], row[1], Backend(row[2]), bool(row[3]), bool(row[4]), row[5])
+
+
+def worker_view(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Resolve the worker before the view runs (401 without a valid token)."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return view(current_worker(), *args, **kwargs)
+
+    return wrapper
+
+
+def _triples(body: AnswersIn) -> list[tuple[str, bool, int]]:
+    return [(a.question_id, a.value, a.ms) for a in body.answers]
+
+
+@bp.get("/me")
+@worker_view
+def me(worker: WorkerRow):
+    """The calling worker's standing: qualified, blocked (with the reason)."""
+    return jsonify(
+        {
+            "worker_id": worker.id,
+            "qualified": worker.qualified,
+            "blocked": worker.blocked,
+            "blocked_reason": worker.blocked_reason,
+        }
+    )
+
+
+@bp.get("/qualification")
+@worker_view
+def get_qualification(worker: WorkerRow):
+    """The worker's qualification test (starts an attempt if none is open)."""
+
+    def work(session: Session):
+        params = qualification_params(session, worker.project_id)
+        return start_test(session, worker, params)
+
+    return jsonify(in_transaction(work).to_json())
+
+
+@bp.post("/qualification")
+@worker_view
+@accepts(AnswersIn)
+def post_qualification(worker: WorkerRow):
+    """Grade the qualification test: every question answered once."""
+    answers = _triples(parse(AnswersIn))
+
+    def work(session: Session):
+        params = qualification_params(session, worker.project_id)
+        return grade_test(session, worker, answers, params)
+
+    return jsonify(in_transaction(work).to_json())
+
+
+@bp.post("/assignments")
+@worker_view
+def claim_assignment(worker: WorkerRow):
+    """Claim the next HIT (or resume the open one): questions and the lease's end."""
+    return jsonify(in_transaction(lambda session: claim(session, worker)).to_json())
+
+
+@bp.post("/assignments/<string:assignment_id>/answers")
+@worker_view
+@accepts(AnswersIn)
+def post_answers(worker: WorkerRow, assignment_id: str):
+    """Store answers of an assignment (partial and repeated submissions are fine)."""
+    answers = _triples(parse(AnswersIn))
+
+    def work(session: Session):
+        result = record_answers(session, worker.id, assignment_id, answers)
+        if result.newly_complete:
+            finalize_assignment(
+                session, result.assignment_id, result.hit_id, worker.id, votes=result.votes
+            )
+        return result
+
+    return jsonify(in_transaction(work).to_json())

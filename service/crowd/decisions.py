@@ -1,0 +1,557 @@
+"""From answers to decisions: aggregate a HIT's answers, count them into clusters, apply the policy.
+
+One cluster's life (``ClusterState``): ``pending`` rows wait for their parent to split; a split
+*activates* the children (automatic rules first, then ``candidate``); the HIT builder takes
+candidates and marks them ``active`` while their questions are out; when answers are counted,
+:func:`service.engine.policy.decide` says accept / reject / split, or asks for more (the cluster
+goes back to ``candidate`` once none of its questions is still open).
+
+The same ``decide`` drives the simulator (:mod:`service.engine.runner`), so for the same answers the
+live service reaches the same accepted and rejected ranges; ``tests/crowd`` checks exactly that.
+
+Counting rule (kept consistent everywhere): a cluster's ``yes_count``/``no_count`` are the labels of
+*answered* sample questions at distinct leaf positions of its range -- its own, plus, with
+``reuse_parent_answers``, those of its ancestors (inherited when it was activated). A question is
+``answered`` once its HIT is complete and its valid (non-discarded) answers agree on a label; answers
+that lose a redundant vote are discarded with the reason, so "the non-discarded answers of an answered
+question" always carry its label.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from service.engine.policy import Action, PolicyParams, auto_action, decide
+from service.models import (
+    Answer,
+    Cluster,
+    ClusterState,
+    GoldItem,
+    Question,
+    QuestionKind,
+    QuestionStatus,
+)
+
+__all__ = [
+    "STATE_OF_ACTION",
+    "ClusterRow",
+    "Counts",
+    "QuestionVotes",
+    "Vote",
+    "activate_children",
+    "aggregate_hit",
+    "ancestors",
+    "dawid_skene",
+    "discard_answers",
+    "hit_votes",
+    "lock_clusters",
+    "majority",
+    "merge_counts",
+    "settle",
+    "zero_counts",
+]
+
+_CL = Cluster.__table__
+_Q = Question.__table__
+_A = Answer.__table__
+_G = GoldItem.__table__
+
+#: Where each policy action leaves a cluster.
+STATE_OF_ACTION: dict[Action, ClusterState] = {
+    Action.ACCEPT: ClusterState.ACCEPTED,
+    Action.REJECT: ClusterState.REJECTED,
+    Action.SPLIT: ClusterState.SPLIT,
+    Action.AUTO_REJECT: ClusterState.AUTO_REJECTED,
+    Action.AUTO_SPLIT: ClusterState.AUTO_SPLIT,
+    Action.SKIP: ClusterState.SKIPPED,
+}
+UNDECIDED = (ClusterState.CANDIDATE, ClusterState.ACTIVE)
+_SPLITS = (ClusterState.SPLIT, ClusterState.AUTO_SPLIT)
+
+#: ``cluster id -> (yes delta, no delta)``
+Counts = dict[int, tuple[int, int]]
+
+_COLUMNS = (
+    _CL.c.id,
+    _CL.c.tree_id,
+    _CL.c.parent_id,
+    _CL.c.lo,
+    _CL.c.hi,
+    _CL.c.size,
+    _CL.c.score,
+    _CL.c.state,
+    _CL.c.yes_count,
+    _CL.c.no_count,
+)
+
+_WRITE_BACK = (
+    update(_CL)
+    .where(_CL.c.id == bindparam("cid"))
+    .values(
+        state=bindparam("new_state"),
+        yes_count=bindparam("yes"),
+        no_count=bindparam("no"),
+        decided_at=bindparam("decided"),
+    )
+)
+
+
+@dataclass
+class ClusterRow:
+    id: int
+    tree_id: int
+    parent_id: int | None
+    lo: int
+    hi: int
+    size: int
+    score: float
+    state: ClusterState
+    yes: int
+    no: int
+    open: int = 0  # open questions, when read by ``lock_clusters(with_open=True)``
+
+    @classmethod
+    def of(cls, row: Sequence) -> ClusterRow:
+        return cls(
+            int(row[0]),
+            int(row[1]),
+            row[2],
+            int(row[3]),
+            int(row[4]),
+            int(row[5]),
+            float(row[6]),
+            ClusterState(row[7]),
+            int(row[8]),
+            int(row[9]),
+        )
+
+
+# --------------------------------------------------------------------------------- aggregation
+
+
+def majority(values: Sequence[bool]) -> bool | None:
+    """The majority label, ``None`` on a tie (the question is re-asked rather than guessed)."""
+    yes = sum(1 for v in values if v)
+    no = len(values) - yes
+    if yes == no:
+        return None
+    return yes > no
+
+
+def dawid_skene(
+    answers: Iterable[tuple[int, int, bool]],
+    known: Mapping[int, bool] | None = None,
+    *,
+    iterations: int = 50,
+    tol: float = 1e-6,
+) -> dict[int, float]:
+    """Posterior ``P(label = yes)`` per item by Dawid & Skene's EM over worker confusion matrices.
+
+    ``answers`` are ``(item, worker, value)`` triples; ``known`` items (gold) are clamped to their
+    true label, which anchors each worker's sensitivity and specificity. Binary labels, so a
+    worker's confusion matrix is two numbers; they and the class prior are smoothed by one pseudo
+    count each way, so a worker seen on a single item cannot become infinitely trusted.
+    """
+    known = dict(known or {})
+    by_item: dict[int, list[tuple[int, bool]]] = defaultdict(list)
+    for item, worker, value in answers:
+        by_item[item].append((worker, bool(value)))
+    items = sorted(by_item)
+    post = {}
+    for item in items:
+        if item in known:
+            post[item] = 1.0 if known[item] else 0.0
+        else:
+            votes = by_item[item]
+            post[item] = sum(v for _, v in votes) / len(votes)
+    for _ in range(iterations):
+        sens, spec, prior = _ds_m_step(by_item, post)
+        changed = 0.0
+        for item in items:
+            if item in known:
+                continue
+            logit = math.log(prior / (1.0 - prior))
+            for worker, value in by_item[item]:
+                a, b = sens[worker], spec[worker]
+                logit += math.log(a / (1.0 - b)) if value else math.log((1.0 - a) / b)
+            new = 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, logit))))
+            changed = max(changed, abs(new - post[item]))
+            post[item] = new
+        if changed < tol:
+            break
+    return post
+
+
+def _ds_m_step(
+    by_item: Mapping[int, list[tuple[int, bool]]], post: Mapping[int, float]
+) -> tuple[dict[int, float], dict[int, float], float]:
+    """Sensitivity, specificity per worker and the prior of "yes", from soft labels."""
+    yes_said_yes: dict[int, float] = defaultdict(lambda: 1.0)
+    yes_total: dict[int, float] = defaultdict(lambda: 2.0)
+    no_said_no: dict[int, float] = defaultdict(lambda: 1.0)
+    no_total: dict[int, float] = defaultdict(lambda: 2.0)
+    for item, votes in by_item.items():
+        p = post[item]
+        for worker, value in votes:
+            yes_total[worker] += p
+            no_total[worker] += 1.0 - p
+            if value:
+                yes_said_yes[worker] += p
+            else:
+                no_said_no[worker] += 1.0 - p
+    sens = {w: yes_said_yes[w] / yes_total[w] for w in yes_total}
+    spec = {w: no_said_no[w] / no_total[w] for w in no_total}
+    prior = (sum(post.values()) + 1.0) / (len(post) + 2.0)
+    return sens, spec, prior
+
+
+@dataclass(frozen=True)
+class Vote:
+    answer_id: int
+    worker_id: int
+    value: bool
+    assignment_id: int
+    ms: int
+
+
+@dataclass
+class QuestionVotes:
+    cluster_id: int | None
+    kind: QuestionKind
+    expected: bool | None
+    votes: list[Vote]
+
+
+_HIT_VOTES = (
+    select(
+        _Q.c.id,
+        _Q.c.kind,
+        _Q.c.cluster_id,
+        _G.c.expected,
+        _A.c.id,
+        _A.c.worker_id,
+        _A.c.value,
+        _A.c.assignment_id,
+        _A.c.ms,
+    )
+    .select_from(
+        _Q.outerjoin(_A, and_(_A.c.question_id == _Q.c.id, _A.c.discarded.is_(False))).outerjoin(
+            _G, _G.c.id == _Q.c.gold_item_id
+        )
+    )
+    .where(_Q.c.hit_id == bindparam("hid"), _Q.c.status == QuestionStatus.OPEN)
+)
+
+
+def hit_votes(session: Session, hit_id: int) -> dict[int, QuestionVotes]:
+    """The still-open questions of a HIT with their valid (non-discarded) answers, one query.
+
+    Quality control reads its per-assignment gold score and speed from the same rows, so a HIT's
+    completion costs one read of its answers.
+    """
+    rows = session.execute(_HIT_VOTES, {"hid": hit_id}).all()
+    out: dict[int, QuestionVotes] = {}
+    for qid, kind, cluster_id, expected, aid, worker_id, value, assignment_id, ms in rows:
+        entry = out.get(qid)
+        if entry is None:
+            entry = out[qid] = QuestionVotes(cluster_id, QuestionKind(kind), expected, [])
+        if aid is not None:
+            entry.votes.append(Vote(aid, worker_id, bool(value), assignment_id, ms))
+    return out
+
+
+def _labels(votes: Mapping[int, QuestionVotes], method: str) -> dict[int, bool | None]:
+    """A label (or ``None``: no usable answer) for every sample question of the HIT."""
+    samples = {q: v for q, v in votes.items() if v.kind is QuestionKind.SAMPLE}
+    if method == "dawid_skene" and any(len(v.votes) > 1 for v in samples.values()):
+        triples = [(q, x.worker_id, x.value) for q, v in votes.items() for x in v.votes]
+        known = {
+            q: bool(v.expected)
+            for q, v in votes.items()
+            if v.kind is QuestionKind.GOLD and v.expected is not None
+        }
+        post = dawid_skene(triples, known)
+        return {
+            q: (None if not v.votes or post[q] == 0.5 else post[q] > 0.5)
+            for q, v in samples.items()
+        }
+    return {q: majority([x.value for x in v.votes]) for q, v in samples.items()}
+
+
+def aggregate_hit(
+    session: Session,
+    hit_id: int,
+    method: str = "majority",
+    votes: Mapping[int, QuestionVotes] | None = None,
+) -> Counts:
+    """Close a completed HIT's questions and return the count deltas for their clusters.
+
+    Every sample question of the HIT ends ``answered`` (its answers agree on a label, losers of a
+    redundant vote discarded with the reason) or ``discarded`` (no usable answer: it will be
+    re-asked, because its cluster asks for more). Every cluster touched appears in the result,
+    with ``(0, 0)`` if nothing counted, so the caller settles it (e.g. back to ``candidate``).
+    ``votes`` may be passed if already read (and still current) in this transaction.
+    """
+    votes = hit_votes(session, hit_id) if votes is None else votes
+    labels = _labels(votes, method)
+    answered: list[int] = [q for q, v in votes.items() if v.kind is not QuestionKind.SAMPLE]
+    dropped: list[int] = []
+    outvoted: list[int] = []
+    deltas: Counts = {}
+    for qid, label in labels.items():
+        entry = votes[qid]
+        cid = int(entry.cluster_id)  # sample questions always have a cluster (DB check)
+        yes, no = deltas.get(cid, (0, 0))
+        if label is None:
+            dropped.append(qid)
+            outvoted.extend(x.answer_id for x in entry.votes)
+        else:
+            answered.append(qid)
+            outvoted.extend(x.answer_id for x in entry.votes if x.value != label)
+            yes, no = (yes + 1, no) if label else (yes, no + 1)
+        deltas[cid] = (yes, no)
+    _set_status(session, answered, QuestionStatus.ANSWERED)
+    _set_status(session, dropped, QuestionStatus.DISCARDED)
+    if outvoted:
+        discard_answers(session, outvoted, f"outvoted or tied when aggregating by {method}")
+    return deltas
+
+
+_SET_STATUS = (
+    update(_Q)
+    .where(_Q.c.id.in_(bindparam("ids", expanding=True)))
+    .values(status=bindparam("new_status"))
+)
+
+
+def _set_status(session: Session, question_ids: list[int], status: QuestionStatus) -> None:
+    if question_ids:
+        session.execute(_SET_STATUS, {"ids": question_ids, "new_status": status.value})
+
+
+def discard_answers(session: Session, answer_ids: Sequence[int], reason: str) -> None:
+    if answer_ids:
+        session.execute(
+            update(_A)
+            .where(_A.c.id.in_(list(answer_ids)), _A.c.discarded.is_(False))
+            .values(discarded=True, discard_reason=reason)
+        )
+
+
+# -------------------------------------------------------------------------------- settling
+
+
+_LOCK = (
+    select(*_COLUMNS)
+    .where(_CL.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_CL.c.id)
+    .with_for_update(of=_CL)
+)
+_LOCK_WITH_OPEN = (
+    select(
+        *_COLUMNS,
+        select(func.count())
+        .where(_Q.c.cluster_id == _CL.c.id, _Q.c.status == QuestionStatus.OPEN)
+        .scalar_subquery(),
+    )
+    .where(_CL.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_CL.c.id)
+    .with_for_update(of=_CL)
+)
+
+
+def lock_clusters(
+    session: Session, cluster_ids: Iterable[int], *, with_open: bool = False
+) -> dict[int, ClusterRow]:
+    """Lock clusters in id order (every writer does, so two transactions cannot deadlock on them).
+
+    ``with_open`` also counts each cluster's open questions in the same statement (``settle``
+    needs both, and this is the hot path of every completed HIT).
+    """
+    ids = sorted(set(cluster_ids))
+    if not ids:
+        return {}
+    rows = session.execute(_LOCK_WITH_OPEN if with_open else _LOCK, {"ids": ids}).all()
+    out = {}
+    for r in rows:
+        row = ClusterRow.of(r)
+        row.open = int(r[10]) if with_open else 0
+        out[row.id] = row
+    return out
+
+
+def settle(
+    session: Session, deltas: Mapping[int, tuple[int, int]], policy: PolicyParams, now: datetime
+) -> dict[int, ClusterState]:
+    """Add count deltas to undecided clusters and apply the policy's decision to each.
+
+    All in the caller's transaction: counts, states, ``decided_at`` and the activation of split
+    clusters' children land together. Decided clusters ignore late deltas (answers that arrive
+    after a decision are kept but no longer change it). Returns the new state of every cluster
+    touched (children activated by a split included).
+    """
+    clusters = lock_clusters(session, deltas, with_open=True)
+    undecided = [c for c in clusters.values() if c.state in UNDECIDED]
+    writes = []
+    for c in undecided:
+        dy, dn = deltas[c.id]
+        c.yes, c.no = c.yes + dy, c.no + dn
+        if c.yes < 0 or c.no < 0:
+            raise RuntimeError(f"cluster {c.id} would have negative counts ({c.yes}, {c.no})")
+        decision = decide(c.score, c.size, c.yes, c.no, policy)
+        decided = None
+        if decision.action is Action.ASK:
+            c.state = ClusterState.ACTIVE if c.open else ClusterState.CANDIDATE
+        else:
+            c.state, decided = STATE_OF_ACTION[decision.action], now
+        writes.append(_write(c, decided))
+    if writes:
+        session.execute(_WRITE_BACK, writes)
+    result = {c.id: c.state for c in undecided}
+    result.update(
+        activate_children(session, [c for c in undecided if c.state in _SPLITS], policy, now)
+    )
+    return result
+
+
+def _write(c: ClusterRow, decided: datetime | None) -> dict:
+    return {"cid": c.id, "new_state": c.state.value, "yes": c.yes, "no": c.no, "decided": decided}
+
+
+# ------------------------------------------------------------------------------- activation
+
+
+def ancestors(session: Session, cluster_ids: Sequence[int]) -> dict[int, list[int]]:
+    """Each cluster's ancestor rows, parent first (a recursive walk up ``parent_id``, primary-key
+    lookups only). Questions are then read by ``cluster_id``, which is indexed, rather than joined
+    to the recursive result (the planner cannot estimate its size and scans all questions)."""
+    if not cluster_ids:
+        return {}
+    start = (
+        select(_CL.c.id.label("start"), _CL.c.parent_id.label("node"))
+        .where(_CL.c.id.in_(list(cluster_ids)), _CL.c.parent_id.is_not(None))
+        .cte("chain", recursive=True)
+    )
+    up = _CL.alias("up")
+    chain = start.union_all(
+        select(start.c.start, up.c.parent_id)
+        .join(up, up.c.id == start.c.node)
+        .where(up.c.parent_id.is_not(None))
+    )
+    out: dict[int, list[int]] = defaultdict(list)
+    for begin, node in session.execute(select(chain.c.start, chain.c.node)).all():
+        out[int(begin)].append(int(node))
+    return dict(out)
+
+
+_ANSWERED_SAMPLES = (
+    select(_Q.c.leaf_pos, _A.c.value)
+    .join(_A, _A.c.question_id == _Q.c.id)
+    .where(
+        _Q.c.cluster_id.in_(bindparam("ids", expanding=True)),
+        _Q.c.status == QuestionStatus.ANSWERED,
+        _Q.c.kind == QuestionKind.SAMPLE,
+        _A.c.discarded.is_(False),
+        _Q.c.leaf_pos >= bindparam("lo"),
+        _Q.c.leaf_pos < bindparam("hi"),
+    )
+)
+
+
+def _known_answers(session: Session, parent: ClusterRow) -> list[tuple[int, bool]]:
+    """``(leaf_pos, label)`` of every answered sample question of ``parent`` and its ancestors
+    inside ``parent``'s range: what its children may inherit."""
+    ids = [parent.id, *ancestors(session, [parent.id]).get(parent.id, [])]
+    rows = session.execute(_ANSWERED_SAMPLES, {"ids": ids, "lo": parent.lo, "hi": parent.hi}).all()
+    return list({int(pos): bool(value) for pos, value in rows}.items())
+
+
+def _children(session: Session, parents: list[ClusterRow]) -> dict[int, list[ClusterRow]]:
+    """Child rows of ``parents``. Each parent's range bounds the scan so the ``(tree_id, lo)``
+    index serves it (children cover the first and second part of the parent's range)."""
+    clauses = [
+        and_(
+            _CL.c.tree_id == p.tree_id,
+            _CL.c.lo >= p.lo,
+            _CL.c.lo < p.hi,
+            _CL.c.parent_id == p.id,
+        )
+        for p in parents
+    ]
+    rows = session.execute(
+        select(*_COLUMNS).where(or_(*clauses)).order_by(_CL.c.id).with_for_update()
+    ).all()
+    out: dict[int, list[ClusterRow]] = defaultdict(list)
+    for row in rows:
+        child = ClusterRow.of(row)
+        out[int(child.parent_id)].append(child)
+    return out
+
+
+def _activate(
+    child: ClusterRow, inherited: list[tuple[int, bool]], policy: PolicyParams
+) -> ClusterState:
+    """A newly reached node's state: automatic rules, else the policy on inherited answers."""
+    auto = auto_action(child.score, child.size, policy)
+    if auto is not None:
+        child.yes = child.no = 0
+        return STATE_OF_ACTION[auto]
+    child.yes = sum(1 for _, label in inherited if label)
+    child.no = len(inherited) - child.yes
+    decision = decide(child.score, child.size, child.yes, child.no, policy)
+    if decision.action is Action.ASK:
+        return ClusterState.CANDIDATE
+    return STATE_OF_ACTION[decision.action]
+
+
+def activate_children(
+    session: Session, parents: list[ClusterRow], policy: PolicyParams, now: datetime
+) -> dict[int, ClusterState]:
+    """Bring the children of split clusters into the search, level by level (one query each).
+
+    A child gets its automatic state (``auto_split`` recurses), or becomes a ``candidate``; with
+    ``reuse_parent_answers`` its counts start from the answered questions of its ancestors inside
+    its range, and if those already settle it the decision is applied at once (as the engine's
+    runner does when it pops such a child).
+    """
+    reuse = policy.reuse_parent_answers
+    level = [(p, _known_answers(session, p) if reuse else []) for p in parents]
+    result: dict[int, ClusterState] = {}
+    while level:
+        kids = _children(session, [p for p, _ in level])
+        writes, following = [], []
+        for parent, known in level:
+            for child in kids.get(parent.id, []):
+                if child.state is not ClusterState.PENDING:
+                    continue  # already activated: activation is idempotent
+                inherited = [(pos, lab) for pos, lab in known if child.lo <= pos < child.hi]
+                child.state = _activate(child, inherited, policy)
+                decided = None if child.state is ClusterState.CANDIDATE else now
+                writes.append(_write(child, decided))
+                result[child.id] = child.state
+                if child.state in _SPLITS:
+                    following.append((child, inherited))
+        if writes:
+            session.execute(_WRITE_BACK, writes)
+        level = following
+    return result
+
+
+def zero_counts(cluster_ids: Iterable[int]) -> Counts:
+    return {int(c): (0, 0) for c in cluster_ids}
+
+
+def merge_counts(*parts: Mapping[int, tuple[int, int]]) -> Counts:
+    out: Counts = {}
+    for part in parts:
+        for cid, (dy, dn) in part.items():
+            y, n = out.get(cid, (0, 0))
+            out[cid] = (y + dy, n + dn)
+    return out

@@ -1,0 +1,1051 @@
+"""HITs: building them from the best candidate clusters, claiming them, answering, leases.
+
+Building (:func:`build_hits`): the highest-score ``candidate`` clusters of the campaign's project
+are locked with ``SELECT ... FOR UPDATE SKIP LOCKED`` (concurrent builders take disjoint clusters
+and never wait on each other), the policy says how many more answers each needs, fresh leaf
+positions are sampled, all samples are shuffled together and dealt into ``hits_per_build`` HITs of
+``questions_per_hit``, hidden gold is added to each, every question gets a random public id, and the
+HITs' cost is reserved -- all in one savepoint, so a HIT exists exactly when its money is reserved.
+The reservation is the last statement, so the hot campaign row is locked only briefly.
+
+Claiming (:func:`claim`): ``SELECT ... FROM hits WHERE status = 'open' ... FOR UPDATE SKIP LOCKED
+LIMIT 1``, so two workers never receive the same HIT slot; a claim is an assignment with a lease.
+Expired leases hand their HIT back: swept on every claim, and by :func:`sweep`, which a periodic
+job calls (it also retires HITs past their lifetime).
+
+Answering (:func:`record_answers`): one read of the HIT's questions, one multi-row
+``INSERT ... ON CONFLICT DO NOTHING``; quality control and decisions follow in
+:mod:`service.crowd.quality` when the assignment is complete.
+
+Performance: hot statements are built once at import with bind parameters (building a SQLAlchemy
+statement per call costs more Python time than executing it), bulk rows travel to PostgreSQL as one
+array per column (``unnest``), and nothing is done per question in a round trip.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+from sqlalchemy import and_, bindparam, func, insert, or_, select, text, update
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.orm import Session
+
+from service.crowd import CrowdError, CrowdParams, money
+from service.crowd.decisions import (
+    ClusterRow,
+    QuestionVotes,
+    Vote,
+    ancestors,
+    discard_answers,
+    settle,
+    zero_counts,
+)
+from service.engine.policy import Action, PolicyParams, decide, sample_positions
+from service.models import (
+    Answer,
+    Assignment,
+    AssignmentStatus,
+    Backend,
+    Campaign,
+    CampaignStatus,
+    Cluster,
+    ClusterState,
+    GoldItem,
+    Hit,
+    HitStatus,
+    Project,
+    ProjectClass,
+    Question,
+    QuestionKind,
+    QuestionStatus,
+    Tree,
+)
+
+__all__ = [
+    "CampaignInfo",
+    "Claim",
+    "SubmitResult",
+    "WorkerRow",
+    "active_campaigns",
+    "build_hit",
+    "build_hits",
+    "claim",
+    "load_campaign",
+    "lock_hit",
+    "new_public_id",
+    "question_payload",
+    "record_answers",
+    "retire_hits",
+    "sweep",
+    "sweep_leases",
+    "utcnow",
+]
+
+_C = Campaign.__table__
+_P = Project.__table__
+_H = Hit.__table__
+_AS = Assignment.__table__
+_Q = Question.__table__
+_A = Answer.__table__
+_CL = Cluster.__table__
+_G = GoldItem.__table__
+_T = Tree.__table__
+_PC = ProjectClass.__table__
+
+#: Statuses whose campaigns still hand out already-reserved HITs. An ``exhausted`` campaign builds
+#: no new HIT but its open ones are paid for, so they are still offered.
+OFFERING = (CampaignStatus.RUNNING, CampaignStatus.EXHAUSTED)
+#: Assignment statuses that hold a slot of their HIT.
+_LIVE = (
+    AssignmentStatus.CLAIMED,
+    AssignmentStatus.SUBMITTED,
+    AssignmentStatus.APPROVED,
+    AssignmentStatus.REJECTED,
+)
+_SWEEP_BATCH = 1000
+_LEASE_EXPIRED = "lease expired before the HIT was done"
+#: Reservation races lost in a row before a claim gives up building (it answers ``no_work``).
+_BUILD_ATTEMPTS = 3
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def aware(moment: datetime) -> datetime:
+    """SQLite hands timestamps back without a zone; every timestamp we store is UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def new_public_id() -> str:
+    """Random, unguessable, and the same shape for every kind of question and assignment."""
+    return secrets.token_urlsafe(16)
+
+
+def image_url(public_id: str) -> str:
+    return f"/media/q/{public_id}.jpg"
+
+
+# ------------------------------------------------------------------------------ campaigns
+
+
+@dataclass(frozen=True)
+class CampaignInfo:
+    """What the crowd code needs of a campaign: immutable settings plus the status when read."""
+
+    id: int
+    project_id: int
+    round_id: int | None
+    backend: Backend
+    status: CampaignStatus
+    reward_micros: int
+    questions_per_hit: int
+    gold_per_hit: int
+    assignments_per_hit: int
+    crowd: CrowdParams
+    policy: PolicyParams
+
+    @property
+    def hit_cost(self) -> int:
+        return money.hit_cost(self.reward_micros, self.assignments_per_hit, self.backend)
+
+    @property
+    def assignment_cost(self) -> int:
+        return money.assignment_cost(self.reward_micros, self.assignments_per_hit, self.backend)
+
+
+_CAMPAIGN_COLUMNS = (
+    _C.c.id,
+    _C.c.project_id,
+    _C.c.round_id,
+    _C.c.backend,
+    _C.c.status,
+    _C.c.reward_per_hit_micros,
+    _C.c.questions_per_hit,
+    _C.c.gold_per_hit,
+    _C.c.assignments_per_hit,
+    _C.c.params,
+    _P.c.params,
+)
+
+
+def _campaign_info(row: Sequence) -> CampaignInfo:
+    return CampaignInfo(
+        id=row[0],
+        project_id=row[1],
+        round_id=row[2],
+        backend=Backend(row[3]),
+        status=CampaignStatus(row[4]),
+        reward_micros=row[5],
+        questions_per_hit=row[6],
+        gold_per_hit=row[7],
+        assignments_per_hit=row[8],
+        crowd=CrowdParams.from_dict(row[9] or {}),
+        policy=PolicyParams.from_dict(row[10] or {}),
+    )
+
+
+# Hot statements are built once, at import, with bind parameters (see the module doc).
+_CAMPAIGN_FROM = _C.join(_P, _P.c.id == _C.c.project_id)
+_LOAD_CAMPAIGN = (
+    select(*_CAMPAIGN_COLUMNS).select_from(_CAMPAIGN_FROM).where(_C.c.id == bindparam("cid"))
+)
+_ACTIVE_CAMPAIGNS = (
+    select(*_CAMPAIGN_COLUMNS)
+    .select_from(_CAMPAIGN_FROM)
+    .where(
+        _C.c.project_id == bindparam("pid"),
+        _C.c.backend == bindparam("backend"),
+        _C.c.status.in_(OFFERING),
+    )
+    .order_by(_C.c.id)
+)
+_LOCK_HIT = (
+    select(_H.c.max_assignments, *_CAMPAIGN_COLUMNS)
+    .select_from(_H.join(_CAMPAIGN_FROM, _C.c.id == _H.c.campaign_id))
+    .where(_H.c.id == bindparam("hid"))
+    .with_for_update(of=_H)
+)
+
+
+def lock_hit(session: Session, hit_id: int) -> tuple[int, CampaignInfo]:
+    """Lock a HIT row and read its ``max_assignments`` and its campaign, in one statement."""
+    row = session.execute(_LOCK_HIT, {"hid": hit_id}).one()
+    return int(row[0]), _campaign_info(row[1:])
+
+
+def load_campaign(session: Session, campaign_id: int) -> CampaignInfo:
+    row = session.execute(_LOAD_CAMPAIGN, {"cid": campaign_id}).first()
+    if row is None:
+        raise ValueError(f"campaign {campaign_id} does not exist")
+    return _campaign_info(row)
+
+
+def active_campaigns(session: Session, project_id: int, backend: Backend) -> list[CampaignInfo]:
+    """The project's campaigns that may offer work to a worker of ``backend``, oldest first."""
+    rows = session.execute(_ACTIVE_CAMPAIGNS, {"pid": project_id, "backend": backend.value}).all()
+    return [_campaign_info(r) for r in rows]
+
+
+# -------------------------------------------------------------------------------- building
+
+
+class _NoHit(Exception):
+    """Abort a HIT under construction (its savepoint rolls back)."""
+
+
+@dataclass
+class _Sample:
+    cluster_id: int
+    tree_id: int
+    leaf_pos: int
+
+
+@dataclass
+class _Plan:
+    samples: list[_Sample] = field(default_factory=list)
+    used: list[int] = field(default_factory=list)  # clusters that get questions
+
+
+_CLUSTER_COLUMNS = (
+    _CL.c.id,
+    _CL.c.tree_id,
+    _CL.c.parent_id,
+    _CL.c.lo,
+    _CL.c.hi,
+    _CL.c.size,
+    _CL.c.score,
+    _CL.c.state,
+    _CL.c.yes_count,
+    _CL.c.no_count,
+)
+
+
+def _candidates(
+    session: Session, campaign: CampaignInfo, limit: int, exclude: list[int]
+) -> list[ClusterRow]:
+    """The best candidates nobody else is building with (``SKIP LOCKED``), locked for us."""
+    query = select(*_CLUSTER_COLUMNS).where(
+        _CL.c.project_id == campaign.project_id, _CL.c.state == ClusterState.CANDIDATE
+    )
+    if campaign.round_id is not None:
+        query = query.where(
+            _CL.c.tree_id.in_(select(_T.c.id).where(_T.c.round_id == campaign.round_id))
+        )
+    if exclude:
+        query = query.where(_CL.c.id.not_in(exclude))
+    query = query.order_by(_CL.c.score.desc()).limit(limit).with_for_update(skip_locked=True)
+    return [ClusterRow.of(r) for r in session.execute(query).all()]
+
+
+def _asked_positions(
+    session: Session, clusters: list[ClusterRow], reuse: bool
+) -> dict[int, set[int]]:
+    """Leaf positions a cluster must not be asked about again: its own questions that are not
+    discarded and, when answers are reused, its ancestors' answered questions in its range (those
+    are already in its counts)."""
+    if not clusters:
+        return {}
+    chains = (
+        ancestors(session, [c.id for c in clusters if c.parent_id is not None]) if reuse else {}
+    )
+    wanted = {c.id for c in clusters}.union(*chains.values())
+    rows = session.execute(_SAMPLES_OF, {"ids": sorted(wanted)}).all()
+    by_cluster: dict[int, list[tuple[int, QuestionStatus]]] = {}
+    for cluster_id, pos, status in rows:
+        by_cluster.setdefault(cluster_id, []).append((int(pos), QuestionStatus(status)))
+    out: dict[int, set[int]] = {}
+    for c in clusters:
+        taken = {pos for pos, _ in by_cluster.get(c.id, ())}
+        for ancestor in chains.get(c.id, ()):
+            taken.update(
+                pos
+                for pos, status in by_cluster.get(ancestor, ())
+                if status is QuestionStatus.ANSWERED and c.lo <= pos < c.hi
+            )
+        out[c.id] = taken
+    return out
+
+
+def _plan_samples(
+    session: Session, campaign: CampaignInfo, room: int, rng: np.random.Generator, now: datetime
+) -> _Plan:
+    """Draw up to ``room`` sample questions from the best candidates, as many as each needs.
+
+    A cluster that needs more answers than there is room for gets what fits; after those are
+    answered the policy asks again for the rest (the decision waits, it does not change).
+    """
+    policy = campaign.policy
+    plan = _Plan()
+    seen: list[int] = []
+    while room > 0:
+        batch = _candidates(session, campaign, math.ceil(room / policy.n_s) + 1, seen)
+        if not batch:
+            break
+        seen.extend(c.id for c in batch)
+        needs, settled = [], []
+        for c in batch:
+            decision = decide(c.score, c.size, c.yes, c.no, policy)
+            if decision.action is Action.ASK:
+                needs.append((c, decision.more))
+            else:
+                settled.append(c.id)
+        if settled:
+            # Decidable without a question (e.g. inherited answers suffice): decide now; any
+            # children it activates are found by the next batch.
+            settle(session, zero_counts(settled), policy, now)
+        asked = _asked_positions(
+            session,
+            [c for c, _ in needs if c.yes + c.no > 0],
+            policy.reuse_parent_answers,
+        )
+        for c, more in needs:
+            if room == 0:
+                break
+            k = min(more, room)
+            positions = sample_positions(c.lo, c.hi, k, rng, exclude=asked.get(c.id, ()))
+            plan.samples.extend(_Sample(c.id, c.tree_id, int(p)) for p in positions)
+            plan.used.append(c.id)
+            room -= k
+    return plan
+
+
+def _gold_pool(session: Session, campaign: CampaignInfo, wanted: int) -> list[int]:
+    """Up to ``wanted`` random hidden-gold items of the project (fewer if the pool is small)."""
+    if wanted == 0:
+        return []
+    return list(
+        session.scalars(
+            select(_G.c.id)
+            .where(_G.c.project_id == campaign.project_id, _G.c.for_qualification.is_(False))
+            .order_by(func.random())
+            .limit(wanted)
+        )
+    )
+
+
+def _hit_questions(
+    hit_id: int, samples: list[_Sample], gold: list[int], rng: np.random.Generator
+) -> list[dict[str, Any]]:
+    """One HIT's question rows: samples and gold in a random order, each with a random id."""
+    rows: list[dict[str, Any]] = [
+        {"cluster_id": s.cluster_id, "tree_id": s.tree_id, "leaf_pos": s.leaf_pos} for s in samples
+    ]
+    rows.extend({"cluster_id": None, "tree_id": None, "leaf_pos": None} for _ in gold)
+    kinds = [QuestionKind.SAMPLE] * len(samples) + [QuestionKind.GOLD] * len(gold)
+    gold_ids: list[int | None] = [None] * len(samples) + list(gold)
+    for position, index in enumerate(rng.permutation(len(rows)).tolist()):
+        rows[index].update(
+            public_id=new_public_id(),
+            kind=kinds[index],
+            status=QuestionStatus.OPEN,
+            hit_id=hit_id,
+            position=position,
+            gold_item_id=gold_ids[index],
+        )
+    return rows
+
+
+def build_hits(
+    session: Session,
+    campaign: CampaignInfo,
+    count: int | None = None,
+    *,
+    rng: np.random.Generator | None = None,
+    now: datetime | None = None,
+) -> list[int]:
+    """Build and reserve up to ``count`` HITs (default ``hits_per_build``) in one go.
+
+    Fewer are built when the budget or the candidates run short; ``[]`` when there is no money
+    (the campaign becomes ``exhausted``) or nothing to ask (``finished`` if nothing is in flight
+    either). Runs in a savepoint of the caller's transaction: if the reservation fails (another
+    request took the money meanwhile) nothing of the HITs remains.
+    """
+    rng = rng if rng is not None else np.random.default_rng()
+    now = now or utcnow()
+    count = campaign.crowd.hits_per_build if count is None else count
+    cost = campaign.hit_cost
+    for _ in range(_BUILD_ATTEMPTS):
+        funds = money.funds(session, campaign.id)
+        if funds.status is not CampaignStatus.RUNNING:
+            return []
+        affordable = count if cost == 0 else min(count, funds.available // cost)
+        if affordable < 1:
+            money.mark_exhausted(session, campaign.id, cost)
+            return []
+        try:
+            with session.begin_nested():
+                hit_ids = _build_in_savepoint(session, campaign, affordable, rng, now)
+        except _NoHit:
+            # A concurrent build took part of the money first: size the batch again.
+            continue
+        if not hit_ids:
+            _finish_if_done(session, campaign)
+        return hit_ids
+    return []
+
+
+def build_hit(
+    session: Session,
+    campaign: CampaignInfo,
+    *,
+    rng: np.random.Generator | None = None,
+    now: datetime | None = None,
+) -> int | None:
+    """Build and reserve a single HIT; ``None`` when there is no money or nothing to ask."""
+    built = build_hits(session, campaign, 1, rng=rng, now=now)
+    return built[0] if built else None
+
+
+def _build_in_savepoint(
+    session: Session, campaign: CampaignInfo, count: int, rng: np.random.Generator, now: datetime
+) -> list[int]:
+    """The new HITs' ids, ``[]`` when no candidate needs a question (decisions taken on the way
+    are kept); raises :class:`_NoHit` when the reservation fails (everything rolls back).
+
+    All samples are shuffled together and dealt into HITs, so a cluster's questions spread over
+    several HITs and workers (as in the paper's live rounds).
+    """
+    per_hit = campaign.questions_per_hit
+    plan = _plan_samples(session, campaign, count * per_hit, rng, now)
+    if not plan.samples:
+        return []
+    samples = [plan.samples[i] for i in rng.permutation(len(plan.samples)).tolist()]
+    chunks = [samples[i : i + per_hit] for i in range(0, len(samples), per_hit)]
+    lifetime = campaign.crowd.hit_lifetime_seconds
+    hit_ids = list(
+        session.scalars(
+            insert(_H).returning(_H.c.id, sort_by_parameter_order=True),
+            [
+                {
+                    "campaign_id": campaign.id,
+                    "status": HitStatus.OPEN,
+                    "cost_micros": campaign.hit_cost,
+                    "max_assignments": campaign.assignments_per_hit,
+                    "expires_at": now + timedelta(seconds=lifetime) if lifetime else None,
+                }
+                for _ in chunks
+            ],
+        )
+    )
+    gold_pool = _gold_pool(session, campaign, campaign.gold_per_hit * len(chunks))
+    rows: list[dict[str, Any]] = []
+    for hit_id, chunk in zip(hit_ids, chunks, strict=True):
+        take = min(campaign.gold_per_hit, len(gold_pool))
+        gold = [gold_pool[i] for i in rng.choice(len(gold_pool), size=take, replace=False)]
+        rows.extend(_hit_questions(hit_id, chunk, gold, rng))
+    _insert_questions(session, rows)
+    session.execute(update(_CL).where(_CL.c.id.in_(plan.used)).values(state=ClusterState.ACTIVE))
+    if not money.reserve(
+        session, campaign.id, campaign.hit_cost, hit_ids, next_hit_cost=campaign.hit_cost
+    ):
+        raise _NoHit
+    return hit_ids
+
+
+def _finish_if_done(session: Session, campaign: CampaignInfo) -> None:
+    """``finished`` when the project has no candidate and no active cluster: nothing can come
+    back to the queue (resume the campaign if a new round brings clusters)."""
+    busy = session.execute(
+        select(_CL.c.id)
+        .where(
+            _CL.c.project_id == campaign.project_id,
+            _CL.c.state.in_((ClusterState.CANDIDATE, ClusterState.ACTIVE)),
+        )
+        .limit(1)
+    ).first()
+    if busy is None:
+        session.execute(
+            update(_C)
+            .where(_C.c.id == campaign.id, _C.c.status == CampaignStatus.RUNNING)
+            .values(status=CampaignStatus.FINISHED)
+        )
+
+
+# -------------------------------------------------------------------------------- claiming
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    id: int
+    project_id: int | None
+    backend: Backend
+    qualified: bool
+    blocked: bool
+    blocked_reason: str | None
+
+
+@dataclass(frozen=True)
+class Claim:
+    assignment_id: str
+    lease_expires_at: datetime
+    questions: list[dict[str, str]]
+    answered: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "assignment_id": self.assignment_id,
+            "questions": self.questions,
+            "answered": self.answered,
+            "lease_expires_at": self.lease_expires_at.isoformat(),
+        }
+
+
+_SAMPLES_OF = select(_Q.c.cluster_id, _Q.c.leaf_pos, _Q.c.status).where(
+    _Q.c.cluster_id.in_(bindparam("ids", expanding=True)),
+    _Q.c.kind == QuestionKind.SAMPLE,
+    _Q.c.status != QuestionStatus.DISCARDED,
+)
+_PAYLOAD = (
+    select(_Q.c.public_id, _PC.c.name)
+    .select_from(
+        _Q.outerjoin(_T, _T.c.id == _Q.c.tree_id)
+        .outerjoin(_G, _G.c.id == _Q.c.gold_item_id)
+        .join(_PC, _PC.c.id == func.coalesce(_T.c.class_id, _G.c.class_id))
+    )
+    .where(_Q.c.hit_id == bindparam("hid"))
+    .order_by(_Q.c.position)
+)
+_ANSWERED_IDS = (
+    select(_Q.c.public_id)
+    .join(_A, _A.c.question_id == _Q.c.id)
+    .where(_A.c.assignment_id == bindparam("aid"))
+)
+_LOCK_OPEN_HIT = (
+    select(_H.c.id, _H.c.max_assignments)
+    .where(
+        _H.c.campaign_id == bindparam("cid"),
+        _H.c.status == HitStatus.OPEN,
+        ~select(_AS.c.id)
+        .where(_AS.c.hit_id == _H.c.id, _AS.c.worker_id == bindparam("wid"))
+        .exists(),
+    )
+    .order_by(_H.c.id)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+)
+_NEW_ASSIGNMENT = insert(_AS)
+_HIT_ASSIGNED = update(_H).where(_H.c.id == bindparam("hid")).values(status=HitStatus.ASSIGNED)
+_LIVE_ASSIGNMENTS = select(func.count()).where(
+    _AS.c.hit_id == bindparam("hid"), _AS.c.status.in_(_LIVE)
+)
+
+
+def question_payload(session: Session, hit_id: int) -> list[dict[str, str]]:
+    """``[{id, image_url, class_name}]`` in the HIT's shuffled order. Gold and sample questions
+    produce identical shapes (random ids, the same URL scheme), one query for all of them."""
+    rows = session.execute(_PAYLOAD, {"hid": hit_id}).all()
+    return [{"id": pid, "image_url": image_url(pid), "class_name": name} for pid, name in rows]
+
+
+def _lock_open_hit(session: Session, campaign_id: int, worker_id: int) -> tuple[int, int] | None:
+    row = session.execute(_LOCK_OPEN_HIT, {"cid": campaign_id, "wid": worker_id}).first()
+    return None if row is None else (row[0], row[1])
+
+
+def _assign(
+    session: Session, hit: tuple[int, int], worker_id: int, lease_seconds: int, now: datetime
+) -> Claim:
+    hit_id, max_assignments = hit
+    public_id = new_public_id()
+    lease = now + timedelta(seconds=lease_seconds)
+    session.execute(
+        _NEW_ASSIGNMENT,
+        {
+            "hit_id": hit_id,
+            "worker_id": worker_id,
+            "public_id": public_id,
+            "status": AssignmentStatus.CLAIMED.value,
+            "lease_expires_at": lease,
+            "gold_correct": 0,
+            "gold_total": 0,
+        },
+    )
+    full = max_assignments == 1 or _live_assignments(session, hit_id) >= max_assignments
+    if full:
+        session.execute(_HIT_ASSIGNED, {"hid": hit_id})
+    return Claim(public_id, lease, question_payload(session, hit_id), [])
+
+
+def _live_assignments(session: Session, hit_id: int) -> int:
+    return session.execute(_LIVE_ASSIGNMENTS, {"hid": hit_id}).scalar_one()
+
+
+_SWEEP_OR_RESUME = (
+    select(_AS.c.id, _AS.c.hit_id, _AS.c.worker_id, _AS.c.public_id, _AS.c.lease_expires_at)
+    .where(
+        _AS.c.status == AssignmentStatus.CLAIMED,
+        or_(_AS.c.lease_expires_at < bindparam("now"), _AS.c.worker_id == bindparam("wid")),
+    )
+    .order_by(_AS.c.id)
+    .limit(_SWEEP_BATCH)
+    .with_for_update(skip_locked=True)
+)
+_ANY_OPEN_HIT = (
+    select(_H.c.id, _H.c.max_assignments, _C.c.params)
+    .select_from(_H.join(_C, _C.c.id == _H.c.campaign_id))
+    .where(
+        _C.c.project_id == bindparam("pid"),
+        _C.c.backend == bindparam("backend"),
+        _C.c.status.in_(OFFERING),
+        _H.c.status == HitStatus.OPEN,
+        ~select(_AS.c.id)
+        .where(_AS.c.hit_id == _H.c.id, _AS.c.worker_id == bindparam("wid"))
+        .exists(),
+    )
+    .order_by(_H.c.id)
+    .limit(1)
+    .with_for_update(of=_H, skip_locked=True)
+)
+
+
+def _sweep_or_resume(session: Session, worker_id: int, now: datetime) -> Claim | None:
+    """Expire lapsed claims (anyone's) and find the worker's own open claim, in one query."""
+    rows = session.execute(_SWEEP_OR_RESUME, {"now": now, "wid": worker_id}).all()
+    expired = [r for r in rows if aware(r[4]) < now]
+    if expired:
+        expire_assignments(session, [r[0] for r in expired], _LEASE_EXPIRED)
+        reopen_hits(session, sorted({r[1] for r in expired}))
+    mine = next((r for r in rows if r[2] == worker_id and aware(r[4]) >= now), None)
+    if mine is None:
+        return None
+    answered = session.scalars(_ANSWERED_IDS, {"aid": mine[0]}).all()
+    return Claim(mine[3], aware(mine[4]), question_payload(session, mine[1]), list(answered))
+
+
+def claim(
+    session: Session,
+    worker: WorkerRow,
+    *,
+    rng: np.random.Generator | None = None,
+    now: datetime | None = None,
+) -> Claim:
+    """The worker's next HIT (an assignment with a lease), building HITs if none is open.
+
+    Refuses blocked and unqualified workers (403) and answers 409 ``no_work`` when no campaign of
+    the worker's project has work (paused, stopped, out of money or out of clusters). A worker
+    who still holds an unexpired claim gets it back (a reloaded page resumes, it does not hoard).
+    The common case -- an open HIT exists -- costs three queries besides the insert.
+    """
+    if worker.blocked:
+        raise CrowdError(403, "blocked", f"this worker is blocked: {worker.blocked_reason}")
+    if not worker.qualified:
+        raise CrowdError(403, "not_qualified", "pass the qualification test before taking HITs")
+    now = now or utcnow()
+    current = _sweep_or_resume(session, worker.id, now)
+    if current is not None:
+        return current
+    if worker.project_id is None:
+        raise CrowdError(409, "no_work", "no HIT is available right now", persist=True)
+    row = session.execute(
+        _ANY_OPEN_HIT,
+        {"pid": worker.project_id, "backend": worker.backend.value, "wid": worker.id},
+    ).first()
+    if row is not None:
+        lease = CrowdParams.from_dict(row[2] or {}).lease_seconds
+        return _assign(session, (row[0], row[1]), worker.id, lease, now)
+    for campaign in active_campaigns(session, worker.project_id, worker.backend):
+        hit = _lock_open_hit(session, campaign.id, worker.id)
+        if hit is None and campaign.status is CampaignStatus.RUNNING:
+            built = build_hits(session, campaign, rng=rng, now=now)
+            hit = (built[0], campaign.assignments_per_hit) if built else None
+        if hit is not None:
+            return _assign(session, hit, worker.id, campaign.crowd.lease_seconds, now)
+    raise CrowdError(409, "no_work", "no HIT is available right now", persist=True)
+
+
+# ------------------------------------------------------------------------------- answering
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    accepted: int
+    duplicates: int
+    complete: bool
+    assignment_id: int
+    hit_id: int
+    newly_complete: bool
+    #: This assignment's answers per open question, when it just became complete.
+    votes: dict[int, QuestionVotes] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"accepted": self.accepted, "duplicates": self.duplicates, "complete": self.complete}
+
+
+_UNNEST_ANSWERS = text(
+    "INSERT INTO answers (question_id, assignment_id, worker_id, value, ms, discarded) "
+    "SELECT q, :assignment_id, :worker_id, v, m, false "
+    "FROM unnest(CAST(:qids AS integer[]), CAST(:vals AS boolean[]), CAST(:ms AS integer[])) "
+    "AS t(q, v, m) "
+    "ON CONFLICT (assignment_id, question_id) DO NOTHING RETURNING question_id, id"
+)
+
+_UNNEST_QUESTIONS = text(
+    "INSERT INTO questions "
+    "(public_id, kind, status, hit_id, position, cluster_id, tree_id, leaf_pos, gold_item_id) "
+    "SELECT * FROM unnest(CAST(:public_id AS varchar[]), CAST(:kind AS varchar[]), "
+    "CAST(:status AS varchar[]), CAST(:hit_id AS integer[]), CAST(:position AS integer[]), "
+    "CAST(:cluster_id AS integer[]), CAST(:tree_id AS integer[]), CAST(:leaf_pos AS bigint[]), "
+    "CAST(:gold_item_id AS integer[]))"
+)
+_QUESTION_COLUMNS = (
+    "public_id",
+    "kind",
+    "status",
+    "hit_id",
+    "position",
+    "cluster_id",
+    "tree_id",
+    "leaf_pos",
+    "gold_item_id",
+)
+
+
+def _postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _insert_questions(session: Session, rows: list[dict[str, Any]]) -> None:
+    """All questions of a build in one statement. On PostgreSQL the rows travel as one array per
+    column (``unnest``): a handful of parameters instead of nine per row, which keeps both the
+    driver and the server's planner out of the hot path."""
+    if not _postgres(session):
+        session.execute(insert(_Q), rows)
+        return
+    columns = {name: [] for name in _QUESTION_COLUMNS}
+    for row in rows:
+        for name in _QUESTION_COLUMNS:
+            value = row[name]
+            columns[name].append(value.value if isinstance(value, StrEnum) else value)
+    session.execute(_UNNEST_QUESTIONS, columns)
+
+
+def _insert_answers(session: Session, assignment_id: int, worker_id: int, rows) -> dict[int, int]:
+    """One INSERT ... ON CONFLICT DO NOTHING for a batch of ``(question id, value, ms)``; returns
+    ``{question id: answer id}`` of the rows really stored (a duplicate, even a concurrent one,
+    is not)."""
+    if _postgres(session):
+        return dict(
+            session.execute(
+                _UNNEST_ANSWERS,
+                {
+                    "assignment_id": assignment_id,
+                    "worker_id": worker_id,
+                    "qids": [r[0] for r in rows],
+                    "vals": [r[1] for r in rows],
+                    "ms": [r[2] for r in rows],
+                },
+            ).all()
+        )
+    stmt = (
+        sqlite.insert(_A)
+        .values(
+            [
+                {
+                    "question_id": qid,
+                    "assignment_id": assignment_id,
+                    "worker_id": worker_id,
+                    "value": value,
+                    "ms": ms,
+                    "discarded": False,
+                }
+                for qid, value, ms in rows
+            ]
+        )
+        .on_conflict_do_nothing(index_elements=["assignment_id", "question_id"])
+        .returning(_A.c.question_id, _A.c.id)
+    )
+    return dict(session.execute(stmt).all())
+
+
+_LOCK_ASSIGNMENT = (
+    select(_AS.c.id, _AS.c.hit_id, _AS.c.worker_id, _AS.c.status, _AS.c.lease_expires_at)
+    .where(_AS.c.public_id == bindparam("pid"))
+    .with_for_update()
+)
+_HIT_QUESTIONS = (
+    select(
+        _Q.c.public_id,
+        _Q.c.id,
+        _Q.c.kind,
+        _Q.c.status,
+        _Q.c.cluster_id,
+        _G.c.expected,
+        _A.c.id,
+        _A.c.value,
+        _A.c.ms,
+    )
+    .select_from(
+        _Q.outerjoin(
+            _A, and_(_A.c.question_id == _Q.c.id, _A.c.assignment_id == bindparam("aid"))
+        ).outerjoin(_G, _G.c.id == _Q.c.gold_item_id)
+    )
+    .where(_Q.c.hit_id == bindparam("hid"))
+)
+
+
+def record_answers(
+    session: Session,
+    worker_id: int,
+    assignment_public_id: str,
+    answers: Sequence[tuple[str, bool, int]],
+    *,
+    now: datetime | None = None,
+) -> SubmitResult:
+    """Store ``(question public id, value, ms)`` answers of one assignment, idempotently.
+
+    Partial submissions are fine (the page sends one answer at a time); an answer already stored
+    counts as a duplicate, never twice. The assignment row is locked first, so concurrent posts
+    of the same assignment queue and exactly one of them sees it become complete.
+    """
+    now = now or utcnow()
+    row = session.execute(_LOCK_ASSIGNMENT, {"pid": assignment_public_id}).first()
+    if row is None or row[2] != worker_id:
+        raise CrowdError(404, "not_found", f"assignment {assignment_public_id} not found")
+    assignment_id, hit_id, _, status, lease = row
+    status, lease = AssignmentStatus(status), aware(lease)
+    if status is AssignmentStatus.EXPIRED or (status is AssignmentStatus.CLAIMED and lease <= now):
+        raise CrowdError(409, "lease_expired", "the lease on this assignment has expired")
+    # The HIT's questions and which of them this assignment has answered already, in one read.
+    rows_read = session.execute(_HIT_QUESTIONS, {"aid": assignment_id, "hid": hit_id}).all()
+    questions = {r[0]: r[1] for r in rows_read}
+    answered = {r[1] for r in rows_read if r[6] is not None}
+    unknown = sorted({pid for pid, _, _ in answers if pid not in questions})
+    if unknown:
+        raise CrowdError(
+            422,
+            "validation_error",
+            f"answers.question_id: not in this assignment: {', '.join(unknown[:5])}",
+        )
+    if status is not AssignmentStatus.CLAIMED:
+        return SubmitResult(0, len(answers), True, assignment_id, hit_id, False)
+    rows: dict[int, tuple[int, bool, int]] = {}
+    for pid, value, ms in answers:
+        qid = questions[pid]
+        if qid not in answered and qid not in rows:
+            rows[qid] = (qid, value, ms)
+    # ON CONFLICT still guards against a concurrent duplicate the read above could not see.
+    stored = _insert_answers(session, assignment_id, worker_id, list(rows.values())) if rows else {}
+    complete = len(answered) + len(stored) >= len(questions)
+    votes = _own_votes(rows_read, rows, stored, assignment_id, worker_id) if complete else None
+    return SubmitResult(
+        len(stored), len(answers) - len(stored), complete, assignment_id, hit_id, complete, votes
+    )
+
+
+def _own_votes(
+    rows_read: Sequence,
+    new: dict[int, tuple[int, bool, int]],
+    stored: dict[int, int],
+    assignment_id: int,
+    worker_id: int,
+) -> dict[int, QuestionVotes]:
+    """The HIT's open questions with this assignment's answers, from what the submission already
+    read and wrote: for a single-assignment HIT that is exactly what :func:`hit_votes` would read,
+    so completing it costs no extra query."""
+    votes: dict[int, QuestionVotes] = {}
+    for _pid, qid, kind, status, cluster_id, expected, aid, value, ms in rows_read:
+        if QuestionStatus(status) is not QuestionStatus.OPEN:
+            continue
+        entry = votes[qid] = QuestionVotes(cluster_id, QuestionKind(kind), expected, [])
+        if aid is not None:
+            entry.votes.append(Vote(aid, worker_id, bool(value), assignment_id, ms))
+        elif qid in stored:
+            _, new_value, new_ms = new[qid]
+            entry.votes.append(Vote(stored[qid], worker_id, new_value, assignment_id, new_ms))
+    return votes
+
+
+# --------------------------------------------------------------------------------- leases
+
+
+_EXPIRED_LEASES = (
+    select(_AS.c.id, _AS.c.hit_id)
+    .where(_AS.c.status == AssignmentStatus.CLAIMED, _AS.c.lease_expires_at < bindparam("now"))
+    .order_by(_AS.c.id)
+    .limit(_SWEEP_BATCH)
+    .with_for_update(skip_locked=True)
+)
+
+
+def sweep_leases(session: Session, now: datetime | None = None) -> int:
+    """Expire claims whose lease ran out and hand their HITs back; returns how many expired.
+
+    Their partial answers are discarded with the reason (they never count). ``SKIP LOCKED``: a
+    claim being answered right now is locked by its submission and is left for the next sweep.
+    """
+    now = now or utcnow()
+    rows = session.execute(_EXPIRED_LEASES, {"now": now}).all()
+    if not rows:
+        return 0
+    expire_assignments(session, [r[0] for r in rows], _LEASE_EXPIRED)
+    reopen_hits(session, sorted({r[1] for r in rows}))
+    return len(rows)
+
+
+def expire_assignments(session: Session, assignment_ids: list[int], reason: str) -> None:
+    session.execute(
+        update(_AS)
+        .where(_AS.c.id.in_(assignment_ids))
+        .values(status=AssignmentStatus.EXPIRED, decision_reason=reason)
+    )
+    answer_ids = session.scalars(
+        select(_A.c.id).where(_A.c.assignment_id.in_(assignment_ids), _A.c.discarded.is_(False))
+    ).all()
+    discard_answers(session, answer_ids, reason)
+
+
+def reopen_hits(session: Session, hit_ids: list[int]) -> None:
+    """HITs that lost a claim are offered again -- unless their campaign stopped, in which case
+    they are cancelled and their money released."""
+    if not hit_ids:
+        return
+    session.execute(
+        update(_H)
+        .where(_H.c.id.in_(hit_ids), _H.c.status == HitStatus.ASSIGNED)
+        .values(status=HitStatus.OPEN)
+    )
+    stopped = session.execute(
+        select(_H.c.campaign_id, _H.c.id)
+        .join(_C, _C.c.id == _H.c.campaign_id)
+        .where(_H.c.id.in_(hit_ids), _C.c.status == CampaignStatus.STOPPED)
+    ).all()
+    by_campaign: dict[int, list[int]] = {}
+    for campaign_id, hit_id in stopped:
+        by_campaign.setdefault(campaign_id, []).append(hit_id)
+    for campaign_id, ids in by_campaign.items():
+        retire_hits(session, load_campaign(session, campaign_id), ids, HitStatus.CANCELLED)
+
+
+def retire_hits(
+    session: Session,
+    campaign: CampaignInfo,
+    hit_ids: list[int] | None,
+    status: HitStatus,
+    *,
+    now: datetime | None = None,
+) -> int:
+    """Withdraw open HITs (campaign stopped: ``cancelled``; lifetime over: ``expired``).
+
+    Slots nobody holds are released from the budget. A HIT nobody holds at all ends in
+    ``status``, its open questions are discarded and their clusters settle back to ``candidate``;
+    a redundant HIT that some workers hold keeps just those slots. ``hit_ids=None`` means every
+    open HIT of the campaign. Returns the micro-dollars released.
+    """
+    now = now or utcnow()
+    query = select(_H.c.id, _H.c.max_assignments).where(
+        _H.c.campaign_id == campaign.id, _H.c.status == HitStatus.OPEN
+    )
+    if hit_ids is not None:
+        query = query.where(_H.c.id.in_(hit_ids))
+    hits = session.execute(query.order_by(_H.c.id).with_for_update(of=_H)).all()
+    if not hits:
+        return 0
+    live = dict(
+        session.execute(
+            select(_AS.c.hit_id, func.count())
+            .where(_AS.c.hit_id.in_([h[0] for h in hits]), _AS.c.status.in_(_LIVE))
+            .group_by(_AS.c.hit_id)
+        ).all()
+    )
+    releases: list[tuple[int, int, int]] = []
+    emptied: list[int] = []
+    for hit_id, max_assignments in hits:
+        used = live.get(hit_id, 0)
+        if max_assignments > used:
+            releases.append((hit_id, max_assignments - used, campaign.assignment_cost))
+        if used == 0:
+            emptied.append(hit_id)
+        else:
+            session.execute(
+                update(_H)
+                .where(_H.c.id == hit_id)
+                .values(max_assignments=used, status=HitStatus.ASSIGNED)
+            )
+    if emptied:
+        session.execute(update(_H).where(_H.c.id.in_(emptied)).values(status=status))
+        clusters = session.scalars(
+            update(_Q)
+            .where(_Q.c.hit_id.in_(emptied), _Q.c.status == QuestionStatus.OPEN)
+            .values(status=QuestionStatus.DISCARDED)
+            .returning(_Q.c.cluster_id)
+        ).all()
+        settle(session, zero_counts(c for c in clusters if c is not None), campaign.policy, now)
+    # Money last: every writer takes the campaign row after the cluster rows (no deadlock).
+    for hit_id, free, share in releases:
+        money.release(
+            session,
+            campaign.id,
+            free * share,
+            hit_id=hit_id,
+            note=f"HIT {status.value}: {free} unclaimed assignment(s)",
+            next_hit_cost=campaign.hit_cost,
+        )
+    return sum(free * share for _, free, share in releases)
+
+
+def sweep(session: Session, now: datetime | None = None) -> dict[str, int]:
+    """The periodic job's pass: expire leases, retire open HITs past their lifetime."""
+    now = now or utcnow()
+    expired = sweep_leases(session, now)
+    rows = session.execute(
+        select(_H.c.campaign_id, _H.c.id)
+        .where(
+            _H.c.status == HitStatus.OPEN,
+            and_(_H.c.expires_at.is_not(None), _H.c.expires_at < now),
+        )
+        .limit(_SWEEP_BATCH)
+    ).all()
+    by_campaign: dict[int, list[int]] = {}
+    for campaign_id, hit_id in rows:
+        by_campaign.setdefault(campaign_id, []).append(hit_id)
+    for campaign_id, ids in by_campaign.items():
+        retire_hits(session, load_campaign(session, campaign_id), ids, HitStatus.EXPIRED, now=now)
+    return {"leases_expired": expired, "hits_expired": len(rows)}

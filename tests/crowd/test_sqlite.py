@@ -1,0 +1,63 @@
+"""The embedded default: the whole crowd cycle also runs on SQLite (the demo and a laptop), where
+``FOR UPDATE SKIP LOCKED`` is a no-op and writers are serialised by the database lock instead."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from flask import Flask
+
+from service import migrate
+from service.app import create_app
+from service.db import get_database
+from service.models import ClusterState
+from service.settings import Settings
+from tests.crowd.world import (
+    add_gold,
+    add_tree,
+    block_world,
+    do_hit,
+    invite,
+    make_world,
+    qualify_directly,
+    ranges,
+)
+
+
+@pytest.fixture(scope="module")
+def sqlite_app(tmp_path_factory) -> Iterator[Flask]:
+    root = tmp_path_factory.mktemp("crowd-sqlite")
+    url = f"sqlite:///{root / 'maskmill.db'}"
+    migrate.upgrade(url)
+    app = create_app(
+        Settings(
+            database_url=url,
+            storage_url=str(root / "storage"),
+            image_root=str(root / "images"),
+            secret_key="test",
+            testing=True,
+        )
+    )
+    yield app
+    get_database(app).dispose()
+
+
+def test_a_campaign_runs_to_the_end_on_sqlite(sqlite_app):
+    client = sqlite_app.test_client()
+    with get_database(sqlite_app).session() as db:
+        world = make_world(client, db, name="lite")
+        scores, truth = block_world("GLBL")
+        add_tree(db, world, scores, truth)
+        add_gold(db, world, [True, False])
+        worker = invite(client, world)
+        qualify_directly(db, worker["worker_id"])
+        campaign = world.campaign(client, questions_per_hit=10, gold_per_hit=2)
+        while do_hit(client, db, world, worker["token"]) is not None:
+            pass
+        assert ranges(db, world, ClusterState.ACCEPTED) == {(0, 16)}
+        assert ranges(db, world, ClusterState.REJECTED) == {(32, 48)}
+    progress = client.get(f"/api/v1/campaigns/{campaign['id']}", headers=world.headers).get_json()
+    assert progress["status"] == "finished"
+    assert progress["questions"]["answered"] == 30
+    assert progress["spent_usd"] == progress["hits"]["completed"] * 0.5
