@@ -210,6 +210,13 @@ def synth(args: tuple[str, ...]) -> None:
     _delegate("workers.synthetic", args)
 
 
+@main.command("seed-select", context_settings=_PASSTHROUGH, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def seed_select(args: tuple[str, ...]) -> None:
+    """Order unlabelled images farthest-first so hand-annotated seeds cover the pool; `--help`."""
+    _delegate("workers.seed_select", args)
+
+
 if __name__ == "__main__":  # pragma: no cover - `python -m service.cli`
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()

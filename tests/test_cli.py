@@ -33,7 +33,7 @@ def test_help(args):
 
 def test_top_level_help_lists_commands():
     output = CliRunner().invoke(main, ["--help"]).output
-    for command in ("db", "create-key", "serve", "worker", "simulate", "synth"):
+    for command in ("db", "create-key", "serve", "worker", "simulate", "synth", "seed-select"):
         assert command in output
 
 
