@@ -33,7 +33,7 @@ Variants (``PolicyParams.variant``):
     ``S`` (a calibrated piecewise-linear map ``S -> E[Q]``, identity by default, clipped to
     ``(0.02, 0.98)``) and whose strength is ``prior_strength`` pseudo-answers. It stops when
     ``P(Q >= K_a)``, ``P(Q <= 1-K_a)`` or ``P(1-K_a < Q < K_a)`` reaches ``1 - error_rate``;
-    after ``max_questions`` answers (default ``2 * N_s``) it falls back to the paper rule on the
+    after ``max_questions`` answers (default ``N_s``) it falls back to the paper rule on the
     answers so far, and once every mask of the cluster is answered ``Q`` is known exactly. It
     never decides before ``min_answers`` human answers, so a confident score cannot replace
     verification. A 95% posterior is a stricter standard than the paper's point estimate on 15
@@ -127,7 +127,7 @@ class PolicyParams:
     used for calibration and gold questions agree with what workers are told.
 
     ``max_questions`` is a *per-cluster* cap for the sequential variant (``None`` means
-    ``2 * n_s``), not the campaign budget (that is ``run_search(max_questions=...)``).
+    ``n_s``: never more answers per cluster than the paper asks), not the campaign budget (that is ``run_search(max_questions=...)``).
     ``min_answers`` stops the sequential test from deciding on the score prior alone: it never
     decides before that many human answers (or all masks of a smaller cluster).
     ``prior_map`` holds ``(S, E[Q])`` knots of a piecewise-linear map, increasing in ``S``, as
@@ -194,7 +194,7 @@ class PolicyParams:
     @property
     def sequential_cap(self) -> int:
         """Answers after which the sequential variant falls back to the paper rule."""
-        return self.max_questions if self.max_questions is not None else 2 * self.n_s
+        return self.max_questions if self.max_questions is not None else self.n_s
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PolicyParams:
