@@ -6,6 +6,12 @@ uniques, checks), not only in Python: a negative budget, a duplicate answer, ``l
 overspent campaign are refused by PostgreSQL (and SQLite) themselves.
 
 Money is stored as integer micro-dollars (1e-6 USD) so sums are exact on every backend.
+
+The crowd tables (``hits``, ``assignments``, ``questions``, ``answers``) take a few hundred row writes
+per second per core, so every index and foreign key on them is there for a query or a cascade that
+needs it: keys derivable through another row (an answer's worker through its assignment, a sample
+question's tree through its cluster) are not enforced twice, uniques on nullable columns are partial,
+and random public ids compare bytewise (``COLLATE "C"`` on PostgreSQL; they are opaque tokens).
 Enums are stored as short strings guarded by CHECK constraints (portable, and cheap to extend with a
 migration).
 """
@@ -39,6 +45,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 MICROS_PER_USD = 1_000_000
+#: A claim's lease unless the campaign says otherwise (``CrowdParams.lease_seconds``).
+DEFAULT_LEASE_SECONDS = 900
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -52,6 +60,11 @@ NAMING_CONVENTION = {
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+#: Random URL-safe tokens (``secrets.token_urlsafe``): bytewise comparison is their natural order and
+#: several times cheaper in a PostgreSQL btree than a linguistic collation.
+PublicId = String(64).with_variant(String(64, collation="C"), "postgresql")
 
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
@@ -319,6 +332,11 @@ class Cluster(TimestampMixin, Base):
     )
     yes_count: Mapped[int] = mapped_column(Integer, default=0)
     no_count: Mapped[int] = mapped_column(Integer, default=0)
+    #: Sample questions about this cluster still out in HITs. Kept by the same statements that open
+    #: and close questions, so the hot path reads one number instead of counting questions (and
+    #: an atomic ``open_questions - k`` stays right under concurrent submissions). Writers of new
+    #: clusters need not know it (server default 0).
+    open_questions: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
@@ -329,7 +347,9 @@ class Cluster(TimestampMixin, Base):
         UniqueConstraint("tree_id", "node"),
         CheckConstraint("lo >= 0 AND lo < hi", name="range_valid"),
         CheckConstraint("size = hi - lo", name="size_matches_range"),
-        CheckConstraint("yes_count >= 0 AND no_count >= 0", name="counts_non_negative"),
+        CheckConstraint(
+            "yes_count >= 0 AND no_count >= 0 AND open_questions >= 0", name="counts_non_negative"
+        ),
         # Hot path: the next candidates of a project by score.
         Index(
             "ix_clusters_candidates",
@@ -339,6 +359,8 @@ class Cluster(TimestampMixin, Base):
             sqlite_where=text("state = 'candidate'"),
         ),
         Index(None, "tree_id", "lo"),
+        # The self-referencing cascade (deleting a tree's clusters) looks children up by parent.
+        Index(None, "parent_id"),
     )
 
 
@@ -437,14 +459,28 @@ class Hit(TimestampMixin, Base):
     status: Mapped[HitStatus] = mapped_column(
         _enum(HitStatus, "hit_status"), default=HitStatus.OPEN
     )
-    external_id: Mapped[str | None] = mapped_column(String(200), unique=True)
+    external_id: Mapped[str | None] = mapped_column(String(200))
     cost_micros: Mapped[int] = mapped_column(BigInteger)
     max_assignments: Mapped[int] = mapped_column(Integer, default=1)
+    #: How long a claim of this HIT lasts (the campaign's ``lease_seconds`` when it was built).
+    lease_seconds: Mapped[int] = mapped_column(Integer, default=DEFAULT_LEASE_SECONDS)
+    #: The questions as the worker receives them, ``[{id, image_url, class_name}, ...]`` in the
+    #: HIT's shuffled order: serialised once when the HIT is built, so a claim sends it as is
+    #: instead of reading and encoding its questions again.
+    payload: Mapped[str] = mapped_column(Text, default="[]")
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         CheckConstraint("cost_micros >= 0", name="cost_non_negative"),
         CheckConstraint("max_assignments >= 1", name="assignments_positive"),
+        CheckConstraint("lease_seconds > 0", name="lease_positive"),
+        Index(
+            "uq_hits_external_id",
+            "external_id",
+            unique=True,
+            postgresql_where=text("external_id IS NOT NULL"),
+            sqlite_where=text("external_id IS NOT NULL"),
+        ),
         # Hot path: the oldest open HIT of a campaign, claimed with FOR UPDATE SKIP LOCKED.
         Index(
             "ix_hits_open",
@@ -464,8 +500,8 @@ class Assignment(TimestampMixin, Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     hit_id: Mapped[int] = mapped_column(ForeignKey("hits.id", ondelete="CASCADE"))
     worker_id: Mapped[int] = mapped_column(ForeignKey("workers.id", ondelete="CASCADE"))
-    public_id: Mapped[str] = mapped_column(String(64), unique=True)
-    external_id: Mapped[str | None] = mapped_column(String(200), unique=True)
+    public_id: Mapped[str] = mapped_column(PublicId, unique=True)
+    external_id: Mapped[str | None] = mapped_column(String(200))
     status: Mapped[AssignmentStatus] = mapped_column(
         _enum(AssignmentStatus, "assignment_status"), default=AssignmentStatus.CLAIMED
     )
@@ -478,8 +514,21 @@ class Assignment(TimestampMixin, Base):
     __table_args__ = (
         UniqueConstraint("hit_id", "worker_id"),
         CheckConstraint("gold_correct >= 0 AND gold_correct <= gold_total", name="gold_counts"),
+        Index(
+            "uq_assignments_external_id",
+            "external_id",
+            unique=True,
+            postgresql_where=text("external_id IS NOT NULL"),
+            sqlite_where=text("external_id IS NOT NULL"),
+        ),
         Index(None, "worker_id", "status"),
-        Index(None, "status", "lease_expires_at"),
+        # Lease sweeps look at live claims only; finished assignments never enter this index.
+        Index(
+            "ix_assignments_claimed_lease",
+            "lease_expires_at",
+            postgresql_where=text("status = 'claimed'"),
+            sqlite_where=text("status = 'claimed'"),
+        ),
     )
 
 
@@ -507,15 +556,21 @@ class Question(TimestampMixin, Base):
     __tablename__ = "questions"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    public_id: Mapped[str] = mapped_column(String(64), unique=True)
+    public_id: Mapped[str] = mapped_column(PublicId, unique=True)
     kind: Mapped[QuestionKind] = mapped_column(_enum(QuestionKind, "question_kind"))
     status: Mapped[QuestionStatus] = mapped_column(
         _enum(QuestionStatus, "question_status"), default=QuestionStatus.OPEN
     )
     hit_id: Mapped[int | None] = mapped_column(ForeignKey("hits.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer, default=0)
-    cluster_id: Mapped[int | None] = mapped_column(ForeignKey("clusters.id", ondelete="CASCADE"))
-    tree_id: Mapped[int | None] = mapped_column(ForeignKey("trees.id", ondelete="CASCADE"))
+    #: The sample's cluster. No foreign key: HIT builds insert hundreds of questions per
+    #: statement, all about clusters the same transaction holds locked, and a per-row key check
+    #: cost as much as the insert itself; a question goes with its HIT (``hit_id`` cascades),
+    #: and clusters are only ever deleted together with their project's campaigns.
+    cluster_id: Mapped[int | None] = mapped_column(Integer)
+    #: The cluster's tree, denormalised so a question resolves to ``(tree, leaf_pos)`` without a
+    #: join; not a foreign key either (the cluster's own key to its tree holds it).
+    tree_id: Mapped[int | None] = mapped_column(Integer)
     leaf_pos: Mapped[int | None] = mapped_column(BigInteger)
     gold_item_id: Mapped[int | None] = mapped_column(
         ForeignKey("gold_items.id", ondelete="CASCADE")
@@ -532,31 +587,54 @@ class Question(TimestampMixin, Base):
         CheckConstraint("leaf_pos IS NULL OR leaf_pos >= 0", name="leaf_pos_non_negative"),
         Index(None, "hit_id", "position"),
         Index(None, "cluster_id"),
+        # Room on every page, so closing a HIT's questions (a status change, no indexed column)
+        # rewrites them in place (HOT) instead of adding an entry to each index.
+        {"postgresql_with": {"fillfactor": 80}},
     )
 
 
 class Answer(TimestampMixin, Base):
-    """A worker's yes/no. Unique per (assignment, question): re-submitting cannot count twice."""
+    """A worker's yes/no. Unique per (assignment, question): re-submitting cannot count twice.
+
+    ``worker_id`` is the worker of the answer's assignment or qualification attempt, copied for
+    reading. ``assignment_id`` carries no foreign key: a HIT's answers are inserted by the
+    statement that holds its assignment locked, all with that one id (a per-row key check would
+    re-read the same row 55 times per HIT), and they go with their question, whose key cascades --
+    a HIT's questions and assignments are only ever deleted together. The two uniques are partial
+    (an answer has exactly one parent), so a HIT answer enters one of them, not both.
+    """
 
     __tablename__ = "answers"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     question_id: Mapped[int] = mapped_column(ForeignKey("questions.id", ondelete="CASCADE"))
-    assignment_id: Mapped[int | None] = mapped_column(
-        ForeignKey("assignments.id", ondelete="CASCADE")
-    )
+    assignment_id: Mapped[int | None] = mapped_column(Integer)
     qualification_attempt_id: Mapped[int | None] = mapped_column(
         ForeignKey("qualification_attempts.id", ondelete="CASCADE")
     )
-    worker_id: Mapped[int] = mapped_column(ForeignKey("workers.id", ondelete="CASCADE"))
+    worker_id: Mapped[int] = mapped_column(Integer)
     value: Mapped[bool] = mapped_column(Boolean)
     ms: Mapped[int] = mapped_column(Integer)
     discarded: Mapped[bool] = mapped_column(Boolean, default=False)
     discard_reason: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
-        UniqueConstraint("assignment_id", "question_id"),
-        UniqueConstraint("qualification_attempt_id", "question_id"),
+        Index(
+            "uq_answers_assignment_id_question_id",
+            "assignment_id",
+            "question_id",
+            unique=True,
+            postgresql_where=text("assignment_id IS NOT NULL"),
+            sqlite_where=text("assignment_id IS NOT NULL"),
+        ),
+        Index(
+            "uq_answers_qualification_attempt_id_question_id",
+            "qualification_attempt_id",
+            "question_id",
+            unique=True,
+            postgresql_where=text("qualification_attempt_id IS NOT NULL"),
+            sqlite_where=text("qualification_attempt_id IS NOT NULL"),
+        ),
         CheckConstraint(
             "(assignment_id IS NULL) <> (qualification_attempt_id IS NULL)",
             name="one_parent",
@@ -564,7 +642,6 @@ class Answer(TimestampMixin, Base):
         CheckConstraint("ms >= 0", name="ms_non_negative"),
         CheckConstraint("NOT discarded OR discard_reason IS NOT NULL", name="discard_has_reason"),
         Index(None, "question_id"),
-        Index(None, "worker_id"),
     )
 
 

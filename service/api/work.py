@@ -8,6 +8,10 @@ counts only.
 Each write runs in one transaction, retried a few times if PostgreSQL aborts it for a deadlock or a
 serialization failure (safe: every write here is idempotent -- answers are ``ON CONFLICT DO NOTHING``
 and a claim resumes the worker's open assignment).
+
+On PostgreSQL, claiming and answering first try :mod:`service.crowd.fastpath` (a few static
+statements per request); whatever it does not serve runs through the portable code below, which
+also produces every refusal's exact message.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flask import Blueprint, jsonify, request
+import psycopg
+from flask import Blueprint, Response, jsonify, request
 from pydantic import Field
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import DBAPIError
@@ -25,11 +30,11 @@ from sqlalchemy.orm import Session
 
 from service.api.validation import Body, accepts, parse
 from service.auth import hash_secret
-from service.crowd import CrowdError
-from service.crowd.hits import WorkerRow, claim, record_answers
+from service.crowd import CrowdError, fastpath
+from service.crowd.hits import Claim, WorkerRow, claim, record_answers, refill
 from service.crowd.qualification import grade_test, qualification_params, start_test
 from service.crowd.quality import finalize_assignment
-from service.db import get_session
+from service.db import get_database, get_session
 from service.errors import ApiError
 from service.models import Backend, Worker
 
@@ -63,8 +68,10 @@ def _crowd_error(exc: CrowdError):
     return response
 
 
-def _retryable(exc: DBAPIError) -> bool:
-    return getattr(exc.orig, "sqlstate", None) in _RETRYABLE
+def _retryable(exc: DBAPIError | psycopg.Error) -> bool:
+    """A deadlock or serialization failure, raised through SQLAlchemy or (fast path) by psycopg."""
+    error = exc.orig if isinstance(exc, DBAPIError) else exc
+    return getattr(error, "sqlstate", None) in _RETRYABLE
 
 
 def in_transaction(work: Callable[[Session], T]) -> T:
@@ -82,11 +89,11 @@ def in_transaction(work: Callable[[Session], T]) -> T:
             else:
                 session.rollback()
             raise
-        except DBAPIError as exc:
+        except (DBAPIError, psycopg.Error) as exc:
             session.rollback()
             if not _retryable(exc) or attempt == _ATTEMPTS - 1:
                 raise
-            log.info("retrying a worker request after %s", type(exc.orig).__name__)
+            log.info("retrying a worker request after %s", type(exc).__name__)
     raise AssertionError("unreachable")
 
 
@@ -164,19 +171,61 @@ def post_qualification(worker: WorkerRow):
     return jsonify(in_transaction(work).to_json())
 
 
+def _claim_response(served: Claim) -> Response:
+    return Response(served.json_text(), mimetype="application/json")
+
+
+def _refill_after(response: Response, campaign_id: int) -> None:
+    """Build the campaign's next batch of HITs once this response has been sent: the worker
+    does not wait for it, and the next claims find HITs instead of waiting for a build."""
+    database = get_database()
+
+    def build() -> None:
+        try:
+            with database.session() as session:
+                refill(session, campaign_id)
+                session.commit()
+        except Exception:  # claims build on demand if this fails; never break the response
+            log.exception("building HITs ahead for campaign %s failed", campaign_id)
+
+    response.call_on_close(build)
+
+
 @bp.post("/assignments")
-@worker_view
-def claim_assignment(worker: WorkerRow):
+def claim_assignment():
     """Claim the next HIT (or resume the open one): questions and the lease's end."""
-    return jsonify(in_transaction(lambda session: claim(session, worker)).to_json())
+    token_hash = hash_secret(_token())
+    session = get_session()
+    if fastpath.available(session):
+        outcome = fastpath.claim(session, token_hash)
+        if outcome.claim is not None:
+            response = _claim_response(outcome.claim)
+            if outcome.refill is not None:
+                _refill_after(response, outcome.refill)
+            return response
+        if outcome.worker is None:
+            raise ApiError(401, "unauthorized", "the worker token is not valid")
+    worker = current_worker()
+    return _claim_response(in_transaction(lambda s: claim(s, worker)))
 
 
 @bp.post("/assignments/<string:assignment_id>/answers")
-@worker_view
 @accepts(AnswersIn)
-def post_answers(worker: WorkerRow, assignment_id: str):
+def post_answers(assignment_id: str):
     """Store answers of an assignment (partial and repeated submissions are fine)."""
+    token_hash = hash_secret(_token())
     answers = _triples(parse(AnswersIn))
+    session = get_session()
+    if fastpath.available(session):
+        try:
+            return jsonify(
+                in_transaction(
+                    lambda s: fastpath.submit(s, token_hash, assignment_id, answers)
+                ).to_json()
+            )
+        except fastpath.Fallback:
+            session.rollback()
+    worker = current_worker()
 
     def work(session: Session):
         result = record_answers(session, worker.id, assignment_id, answers)

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from service.models import DEFAULT_LEASE_SECONDS
+
 __all__ = [
     "AGGREGATIONS",
     "CrowdError",
@@ -64,14 +66,19 @@ class CrowdParams:
     ``worker_min_gold_accuracy`` once ``worker_min_gold`` gold answers are in is blocked; an
     assignment answered faster than ``min_ms_per_question`` per question on average is discarded.
     Redundancy: ``answers_per_question`` workers answer every HIT, combined by ``aggregation``.
-    ``hits_per_build``: when no HIT is open, this many are built (and reserved) at once, which
-    spreads each cluster's samples over several HITs (as the paper shuffled all samples into HITs)
-    and amortises the building queries over several claims.
+    ``hits_per_build``: samples are shuffled across groups of this many HITs, which spreads each
+    cluster's samples over several HITs and workers (as the paper shuffled all samples into HITs)
+    while keeping the clusters one submission touches few. ``build_batch_hits``: a claim that finds
+    no open HIT builds (and reserves) this many at once, in such groups; claims arriving meanwhile
+    wait for that build and take its HITs, so a batch as large as the number of workers claiming at
+    once serves them all with one build. Building ahead ties up budget and takes clusters from the
+    queue before they are due, so it is a small multiple of the group, not the whole campaign.
     """
 
-    lease_seconds: int = 900
+    lease_seconds: int = DEFAULT_LEASE_SECONDS
     hit_lifetime_seconds: int | None = None
     hits_per_build: int = 4
+    build_batch_hits: int = 16
     hit_min_gold_accuracy: float = 0.6
     worker_min_gold_accuracy: float = 0.7
     worker_min_gold: int = 10
@@ -101,6 +108,7 @@ class CrowdParams:
         minimums = {
             "lease_seconds": 10,
             "hits_per_build": 1,
+            "build_batch_hits": 1,
             "worker_min_gold": 1,
             "min_ms_per_question": 0,
             "answers_per_question": 1,
@@ -113,8 +121,9 @@ class CrowdParams:
             value = getattr(self, name)
             if not _is_int(value) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if self.hits_per_build > 100:
-            raise ValueError(f"hits_per_build must be <= 100, got {self.hits_per_build}")
+        for name in ("hits_per_build", "build_batch_hits"):
+            if getattr(self, name) > 100:
+                raise ValueError(f"{name} must be <= 100, got {getattr(self, name)}")
         if self.answers_per_question > 100:
             raise ValueError(
                 f"answers_per_question must be <= 100, got {self.answers_per_question}"

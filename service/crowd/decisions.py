@@ -14,7 +14,9 @@ Counting rule (kept consistent everywhere): a cluster's ``yes_count``/``no_count
 ``reuse_parent_answers``, those of its ancestors (inherited when it was activated). A question is
 ``answered`` once its HIT is complete and its valid (non-discarded) answers agree on a label; answers
 that lose a redundant vote are discarded with the reason, so "the non-discarded answers of an answered
-question" always carry its label.
+question" always carry its label. ``open_questions`` is the number of its sample questions still
+``open``: every statement that opens or closes questions moves it by the same amount, so a count delta
+is ``(yes, no, closed)``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import and_, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from service.engine.policy import Action, PolicyParams, auto_action, decide
@@ -48,12 +50,14 @@ __all__ = [
     "activate_children",
     "aggregate_hit",
     "ancestors",
+    "closed_counts",
     "dawid_skene",
     "discard_answers",
     "hit_votes",
     "lock_clusters",
     "majority",
     "merge_counts",
+    "next_state",
     "settle",
     "zero_counts",
 ]
@@ -75,8 +79,8 @@ STATE_OF_ACTION: dict[Action, ClusterState] = {
 UNDECIDED = (ClusterState.CANDIDATE, ClusterState.ACTIVE)
 _SPLITS = (ClusterState.SPLIT, ClusterState.AUTO_SPLIT)
 
-#: ``cluster id -> (yes delta, no delta)``
-Counts = dict[int, tuple[int, int]]
+#: ``cluster id -> (yes delta, no delta, questions closed)``
+Counts = dict[int, tuple[int, int, int]]
 
 _COLUMNS = (
     _CL.c.id,
@@ -89,6 +93,7 @@ _COLUMNS = (
     _CL.c.state,
     _CL.c.yes_count,
     _CL.c.no_count,
+    _CL.c.open_questions,
 )
 
 _WRITE_BACK = (
@@ -98,6 +103,7 @@ _WRITE_BACK = (
         state=bindparam("new_state"),
         yes_count=bindparam("yes"),
         no_count=bindparam("no"),
+        open_questions=bindparam("open"),
         decided_at=bindparam("decided"),
     )
 )
@@ -115,10 +121,11 @@ class ClusterRow:
     state: ClusterState
     yes: int
     no: int
-    open: int = 0  # open questions, when read by ``lock_clusters(with_open=True)``
+    open: int  # sample questions still out in HITs
 
     @classmethod
     def of(cls, row: Sequence) -> ClusterRow:
+        """From a row of ``(id, tree_id, parent_id, lo, hi, size, score, state, yes, no, open)``."""
         return cls(
             int(row[0]),
             int(row[1]),
@@ -130,6 +137,7 @@ class ClusterRow:
             ClusterState(row[7]),
             int(row[8]),
             int(row[9]),
+            int(row[10]),
         )
 
 
@@ -295,8 +303,8 @@ def aggregate_hit(
 
     Every sample question of the HIT ends ``answered`` (its answers agree on a label, losers of a
     redundant vote discarded with the reason) or ``discarded`` (no usable answer: it will be
-    re-asked, because its cluster asks for more). Every cluster touched appears in the result,
-    with ``(0, 0)`` if nothing counted, so the caller settles it (e.g. back to ``candidate``).
+    re-asked, because its cluster asks for more); either way it is closed. Every cluster touched
+    appears in the result, so the caller settles it (e.g. back to ``candidate``).
     ``votes`` may be passed if already read (and still current) in this transaction.
     """
     votes = hit_votes(session, hit_id) if votes is None else votes
@@ -308,7 +316,7 @@ def aggregate_hit(
     for qid, label in labels.items():
         entry = votes[qid]
         cid = int(entry.cluster_id)  # sample questions always have a cluster (DB check)
-        yes, no = deltas.get(cid, (0, 0))
+        yes, no, closed = deltas.get(cid, (0, 0, 0))
         if label is None:
             dropped.append(qid)
             outvoted.extend(x.answer_id for x in entry.votes)
@@ -316,7 +324,7 @@ def aggregate_hit(
             answered.append(qid)
             outvoted.extend(x.answer_id for x in entry.votes if x.value != label)
             yes, no = (yes + 1, no) if label else (yes, no + 1)
-        deltas[cid] = (yes, no)
+        deltas[cid] = (yes, no, closed + 1)
     _set_status(session, answered, QuestionStatus.ANSWERED)
     _set_status(session, dropped, QuestionStatus.DISCARDED)
     if outvoted:
@@ -348,72 +356,67 @@ def discard_answers(session: Session, answer_ids: Sequence[int], reason: str) ->
 # -------------------------------------------------------------------------------- settling
 
 
+_SET_OPEN = update(_CL).where(_CL.c.id == bindparam("cid")).values(open_questions=bindparam("open"))
 _LOCK = (
     select(*_COLUMNS)
     .where(_CL.c.id.in_(bindparam("ids", expanding=True)))
     .order_by(_CL.c.id)
     .with_for_update(of=_CL)
 )
-_LOCK_WITH_OPEN = (
-    select(
-        *_COLUMNS,
-        select(func.count())
-        .where(_Q.c.cluster_id == _CL.c.id, _Q.c.status == QuestionStatus.OPEN)
-        .scalar_subquery(),
-    )
-    .where(_CL.c.id.in_(bindparam("ids", expanding=True)))
-    .order_by(_CL.c.id)
-    .with_for_update(of=_CL)
-)
 
 
-def lock_clusters(
-    session: Session, cluster_ids: Iterable[int], *, with_open: bool = False
-) -> dict[int, ClusterRow]:
-    """Lock clusters in id order (every writer does, so two transactions cannot deadlock on them).
-
-    ``with_open`` also counts each cluster's open questions in the same statement (``settle``
-    needs both, and this is the hot path of every completed HIT).
-    """
+def lock_clusters(session: Session, cluster_ids: Iterable[int]) -> dict[int, ClusterRow]:
+    """Lock clusters in id order (every writer does, so two transactions cannot deadlock on them)."""
     ids = sorted(set(cluster_ids))
     if not ids:
         return {}
-    rows = session.execute(_LOCK_WITH_OPEN if with_open else _LOCK, {"ids": ids}).all()
-    out = {}
-    for r in rows:
-        row = ClusterRow.of(r)
-        row.open = int(r[10]) if with_open else 0
-        out[row.id] = row
-    return out
+    return {row.id: row for row in map(ClusterRow.of, session.execute(_LOCK, {"ids": ids}).all())}
+
+
+def next_state(cluster: ClusterRow, policy: PolicyParams) -> ClusterState:
+    """Where an undecided cluster stands after its counts changed: the policy's decision, or, if
+    it asks for more, ``active`` while questions are out and ``candidate`` once none is."""
+    decision = decide(cluster.score, cluster.size, cluster.yes, cluster.no, policy)
+    if decision.action is Action.ASK:
+        return ClusterState.ACTIVE if cluster.open else ClusterState.CANDIDATE
+    return STATE_OF_ACTION[decision.action]
 
 
 def settle(
-    session: Session, deltas: Mapping[int, tuple[int, int]], policy: PolicyParams, now: datetime
+    session: Session,
+    deltas: Mapping[int, tuple[int, int, int]],
+    policy: PolicyParams,
+    now: datetime,
 ) -> dict[int, ClusterState]:
-    """Add count deltas to undecided clusters and apply the policy's decision to each.
+    """Add count deltas to clusters and apply the policy's decision to the undecided ones.
 
     All in the caller's transaction: counts, states, ``decided_at`` and the activation of split
-    clusters' children land together. Decided clusters ignore late deltas (answers that arrive
-    after a decision are kept but no longer change it). Returns the new state of every cluster
-    touched (children activated by a split included).
+    clusters' children land together. Decided clusters ignore late yes/no deltas (answers that
+    arrive after a decision are kept but no longer change it); closed questions are taken off
+    every cluster's open count. Returns the new state of every undecided cluster touched
+    (children activated by a split included).
     """
-    clusters = lock_clusters(session, deltas, with_open=True)
-    undecided = [c for c in clusters.values() if c.state in UNDECIDED]
-    writes = []
-    for c in undecided:
-        dy, dn = deltas[c.id]
-        c.yes, c.no = c.yes + dy, c.no + dn
-        if c.yes < 0 or c.no < 0:
-            raise RuntimeError(f"cluster {c.id} would have negative counts ({c.yes}, {c.no})")
-        decision = decide(c.score, c.size, c.yes, c.no, policy)
-        decided = None
-        if decision.action is Action.ASK:
-            c.state = ClusterState.ACTIVE if c.open else ClusterState.CANDIDATE
-        else:
-            c.state, decided = STATE_OF_ACTION[decision.action], now
-        writes.append(_write(c, decided))
+    clusters = lock_clusters(session, deltas)
+    writes, closes, undecided = [], [], []
+    for c in clusters.values():
+        dy, dn, closed = deltas[c.id]
+        c.open -= closed
+        if c.state in UNDECIDED:
+            c.yes, c.no = c.yes + dy, c.no + dn
+        if c.yes < 0 or c.no < 0 or c.open < 0:
+            raise RuntimeError(
+                f"cluster {c.id} would have negative counts ({c.yes}, {c.no}, open {c.open})"
+            )
+        if c.state in UNDECIDED:
+            undecided.append(c)
+            c.state = next_state(c, policy)
+            writes.append(_write(c, None if c.state in UNDECIDED else now))
+        elif closed:
+            closes.append({"cid": c.id, "open": c.open})
     if writes:
         session.execute(_WRITE_BACK, writes)
+    if closes:
+        session.execute(_SET_OPEN, closes)
     result = {c.id: c.state for c in undecided}
     result.update(
         activate_children(session, [c for c in undecided if c.state in _SPLITS], policy, now)
@@ -422,7 +425,14 @@ def settle(
 
 
 def _write(c: ClusterRow, decided: datetime | None) -> dict:
-    return {"cid": c.id, "new_state": c.state.value, "yes": c.yes, "no": c.no, "decided": decided}
+    return {
+        "cid": c.id,
+        "new_state": c.state.value,
+        "yes": c.yes,
+        "no": c.no,
+        "open": c.open,
+        "decided": decided,
+    }
 
 
 # ------------------------------------------------------------------------------- activation
@@ -474,25 +484,21 @@ def _known_answers(session: Session, parent: ClusterRow) -> list[tuple[int, bool
 
 
 def _children(session: Session, parents: list[ClusterRow]) -> dict[int, list[ClusterRow]]:
-    """Child rows of ``parents``. Each parent's range bounds the scan so the ``(tree_id, lo)``
-    index serves it (children cover the first and second part of the parent's range)."""
-    clauses = [
-        and_(
-            _CL.c.tree_id == p.tree_id,
-            _CL.c.lo >= p.lo,
-            _CL.c.lo < p.hi,
-            _CL.c.parent_id == p.id,
-        )
-        for p in parents
-    ]
-    rows = session.execute(
-        select(*_COLUMNS).where(or_(*clauses)).order_by(_CL.c.id).with_for_update()
-    ).all()
+    """Child rows of ``parents``, locked in id order (``parent_id`` is indexed)."""
+    rows = session.execute(_CHILDREN, {"ids": sorted({p.id for p in parents})}).all()
     out: dict[int, list[ClusterRow]] = defaultdict(list)
     for row in rows:
         child = ClusterRow.of(row)
         out[int(child.parent_id)].append(child)
     return out
+
+
+_CHILDREN = (
+    select(*_COLUMNS)
+    .where(_CL.c.parent_id.in_(bindparam("ids", expanding=True)))
+    .order_by(_CL.c.id)
+    .with_for_update()
+)
 
 
 def _activate(
@@ -545,13 +551,24 @@ def activate_children(
 
 
 def zero_counts(cluster_ids: Iterable[int]) -> Counts:
-    return {int(c): (0, 0) for c in cluster_ids}
+    """No count change (the clusters are settled again, e.g. a decision reached on inherited
+    answers)."""
+    return {int(c): (0, 0, 0) for c in cluster_ids}
 
 
-def merge_counts(*parts: Mapping[int, tuple[int, int]]) -> Counts:
+def closed_counts(cluster_ids: Iterable[int | None]) -> Counts:
+    """One closed question per occurrence of a cluster id (``None``: not a sample question)."""
+    out: Counts = {}
+    for cid in cluster_ids:
+        if cid is not None:
+            out[int(cid)] = (0, 0, out.get(int(cid), (0, 0, 0))[2] + 1)
+    return out
+
+
+def merge_counts(*parts: Mapping[int, tuple[int, int, int]]) -> Counts:
     out: Counts = {}
     for part in parts:
-        for cid, (dy, dn) in part.items():
-            y, n = out.get(cid, (0, 0))
-            out[cid] = (y + dy, n + dn)
+        for cid, (dy, dn, dc) in part.items():
+            y, n, c = out.get(cid, (0, 0, 0))
+            out[cid] = (y + dy, n + dn, c + dc)
     return out

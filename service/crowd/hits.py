@@ -3,10 +3,17 @@
 Building (:func:`build_hits`): the highest-score ``candidate`` clusters of the campaign's project
 are locked with ``SELECT ... FOR UPDATE SKIP LOCKED`` (concurrent builders take disjoint clusters
 and never wait on each other), the policy says how many more answers each needs, fresh leaf
-positions are sampled, all samples are shuffled together and dealt into ``hits_per_build`` HITs of
-``questions_per_hit``, hidden gold is added to each, every question gets a random public id, and the
-HITs' cost is reserved -- all in one savepoint, so a HIT exists exactly when its money is reserved.
-The reservation is the last statement, so the hot campaign row is locked only briefly.
+positions are sampled, the samples are shuffled within groups of ``hits_per_build`` HITs of
+``questions_per_hit`` and dealt into them, hidden gold is added to each, every question gets a
+random public id, the payload a worker will receive is serialised onto the HIT, and the HITs'
+cost is reserved -- all in one savepoint, so a HIT exists exactly when its money is reserved. The
+reservation is the last statement, so the hot campaign row is locked only briefly.
+
+When HITs are built: a claim that finds none open builds ``build_batch_hits`` of them; on
+PostgreSQL it does so under a per-campaign advisory lock, so one request builds and the others
+wait for it and take its HITs instead of building more. A claim that leaves less than a batch open
+asks for the next batch to be built once its response is sent (:func:`refill`), so in a running
+campaign claims find HITs ready and the building cost is paid off the request's critical path.
 
 Claiming (:func:`claim`): ``SELECT ... FROM hits WHERE status = 'open' ... FOR UPDATE SKIP LOCKED
 LIMIT 1``, so two workers never receive the same HIT slot; a claim is an assignment with a lease.
@@ -17,20 +24,26 @@ Answering (:func:`record_answers`): one read of the HIT's questions, one multi-r
 ``INSERT ... ON CONFLICT DO NOTHING``; quality control and decisions follow in
 :mod:`service.crowd.quality` when the assignment is complete.
 
+This module is the portable implementation (PostgreSQL and SQLite) and handles every case;
+:mod:`service.crowd.fastpath` serves the common claim and submission on PostgreSQL in fewer round
+trips and hands anything unusual back to it.
+
 Performance: hot statements are built once at import with bind parameters (building a SQLAlchemy
-statement per call costs more Python time than executing it), bulk rows travel to PostgreSQL as one
-array per column (``unnest``), and nothing is done per question in a round trip.
+statement per call costs more Python time than executing it), a build's rows travel to PostgreSQL
+as one value list per column (``unnest``), and nothing is done per question in a round trip.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import math
+import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import and_, bindparam, func, insert, or_, select, text, update
@@ -43,6 +56,7 @@ from service.crowd.decisions import (
     QuestionVotes,
     Vote,
     ancestors,
+    closed_counts,
     discard_answers,
     settle,
     zero_counts,
@@ -77,11 +91,14 @@ __all__ = [
     "build_hit",
     "build_hits",
     "claim",
+    "encode_payload",
     "load_campaign",
     "lock_hit",
+    "needs_refill",
     "new_public_id",
     "question_payload",
     "record_answers",
+    "refill",
     "retire_hits",
     "sweep",
     "sweep_leases",
@@ -110,6 +127,8 @@ _LIVE = (
     AssignmentStatus.REJECTED,
 )
 _SWEEP_BATCH = 1000
+_PUBLIC_ID_BYTES = 16
+_PUBLIC_ID_SAFE = re.compile(r"[A-Za-z0-9_-]+")
 _LEASE_EXPIRED = "lease expired before the HIT was done"
 #: Reservation races lost in a row before a claim gives up building (it answers ``no_work``).
 _BUILD_ATTEMPTS = 3
@@ -126,11 +145,39 @@ def aware(moment: datetime) -> datetime:
 
 def new_public_id() -> str:
     """Random, unguessable, and the same shape for every kind of question and assignment."""
-    return secrets.token_urlsafe(16)
+    return secrets.token_urlsafe(_PUBLIC_ID_BYTES)
+
+
+def new_public_ids(count: int) -> list[str]:
+    """``count`` ids exactly like :func:`new_public_id`'s, from one read of the system's random
+    source (a HIT build needs hundreds)."""
+    raw = secrets.token_bytes(_PUBLIC_ID_BYTES * count)
+    return [
+        base64.urlsafe_b64encode(raw[i : i + _PUBLIC_ID_BYTES]).rstrip(b"=").decode("ascii")
+        for i in range(0, len(raw), _PUBLIC_ID_BYTES)
+    ]
 
 
 def image_url(public_id: str) -> str:
     return f"/media/q/{public_id}.jpg"
+
+
+def encode_payload(questions: Sequence[tuple[str, str]]) -> str:
+    """The JSON a worker receives for ``(public id, class name)`` questions, in order.
+
+    Every kind of question has the same three keys (sorted, as Flask's ``jsonify`` would write
+    them) and an image URL made from its public id alone, so nothing in it tells gold apart.
+    Written by formatting rather than ``json.dumps`` of dicts (a build encodes hundreds): public
+    ids are URL-safe base64 and need no escaping, class names are encoded once each.
+    """
+    names: dict[str, str] = {}
+    items = []
+    for pid, name in questions:
+        if not _PUBLIC_ID_SAFE.fullmatch(pid):
+            raise ValueError(f"not a public id: {pid!r}")
+        encoded = names.get(name) or names.setdefault(name, json.dumps(name))
+        items.append(f'{{"class_name":{encoded},"id":"{pid}","image_url":"{image_url(pid)}"}}')
+    return "[" + ",".join(items) + "]"
 
 
 # ------------------------------------------------------------------------------ campaigns
@@ -241,17 +288,28 @@ class _NoHit(Exception):
     """Abort a HIT under construction (its savepoint rolls back)."""
 
 
-@dataclass
-class _Sample:
+class _Sample(NamedTuple):
     cluster_id: int
     tree_id: int
     leaf_pos: int
 
 
+class _NewQuestion(NamedTuple):
+    """A question row being built (a build makes hundreds: tuples, not dicts or dataclasses)."""
+
+    public_id: str
+    kind: str
+    hit_index: int  # which HIT of the build; its id is known only once the HITs are inserted
+    position: int
+    cluster_id: int | None
+    tree_id: int | None
+    leaf_pos: int | None
+    gold_item_id: int | None
+
+
 @dataclass
 class _Plan:
     samples: list[_Sample] = field(default_factory=list)
-    used: list[int] = field(default_factory=list)  # clusters that get questions
 
 
 _CLUSTER_COLUMNS = (
@@ -265,6 +323,7 @@ _CLUSTER_COLUMNS = (
     _CL.c.state,
     _CL.c.yes_count,
     _CL.c.no_count,
+    _CL.c.open_questions,
 )
 
 
@@ -351,46 +410,57 @@ def _plan_samples(
                 break
             k = min(more, room)
             positions = sample_positions(c.lo, c.hi, k, rng, exclude=asked.get(c.id, ()))
-            plan.samples.extend(_Sample(c.id, c.tree_id, int(p)) for p in positions)
-            plan.used.append(c.id)
+            plan.samples.extend(_Sample(c.id, c.tree_id, p) for p in positions.tolist())
             room -= k
     return plan
 
 
-def _gold_pool(session: Session, campaign: CampaignInfo, wanted: int) -> list[int]:
-    """Up to ``wanted`` random hidden-gold items of the project (fewer if the pool is small)."""
+_GOLD_POOL = (
+    select(_G.c.id, _PC.c.name)
+    .join(_PC, _PC.c.id == _G.c.class_id)
+    .where(_G.c.project_id == bindparam("pid"), _G.c.for_qualification.is_(False))
+    .order_by(func.random())
+    .limit(bindparam("wanted"))
+)
+_TREE_CLASSES = (
+    select(_T.c.id, _PC.c.name)
+    .join(_PC, _PC.c.id == _T.c.class_id)
+    .where(_T.c.id.in_(bindparam("ids", expanding=True)))
+)
+
+
+def _gold_pool(session: Session, campaign: CampaignInfo, wanted: int) -> list[tuple[int, str]]:
+    """Up to ``wanted`` random hidden-gold items of the project with their class names (fewer if
+    the pool is small)."""
     if wanted == 0:
         return []
-    return list(
-        session.scalars(
-            select(_G.c.id)
-            .where(_G.c.project_id == campaign.project_id, _G.c.for_qualification.is_(False))
-            .order_by(func.random())
-            .limit(wanted)
-        )
-    )
+    rows = session.execute(_GOLD_POOL, {"pid": campaign.project_id, "wanted": wanted}).all()
+    return [(int(r[0]), r[1]) for r in rows]
 
 
 def _hit_questions(
-    hit_id: int, samples: list[_Sample], gold: list[int], rng: np.random.Generator
-) -> list[dict[str, Any]]:
-    """One HIT's question rows: samples and gold in a random order, each with a random id."""
-    rows: list[dict[str, Any]] = [
-        {"cluster_id": s.cluster_id, "tree_id": s.tree_id, "leaf_pos": s.leaf_pos} for s in samples
-    ]
-    rows.extend({"cluster_id": None, "tree_id": None, "leaf_pos": None} for _ in gold)
-    kinds = [QuestionKind.SAMPLE] * len(samples) + [QuestionKind.GOLD] * len(gold)
-    gold_ids: list[int | None] = [None] * len(samples) + list(gold)
-    for position, index in enumerate(rng.permutation(len(rows)).tolist()):
-        rows[index].update(
-            public_id=new_public_id(),
-            kind=kinds[index],
-            status=QuestionStatus.OPEN,
-            hit_id=hit_id,
-            position=position,
-            gold_item_id=gold_ids[index],
+    index: int,
+    samples: list[_Sample],
+    gold: list[tuple[int, str]],
+    class_of_tree: dict[int, str],
+    rng: np.random.Generator,
+) -> tuple[list[_NewQuestion], str]:
+    """One HIT's questions and its payload: samples and gold in a random order, each with a
+    random public id."""
+    sample, gold_kind = QuestionKind.SAMPLE.value, QuestionKind.GOLD.value
+    targets = [(sample, s.cluster_id, s.tree_id, s.leaf_pos, None) for s in samples]
+    targets.extend((gold_kind, None, None, None, gold_id) for gold_id, _ in gold)
+    names = [class_of_tree[s.tree_id] for s in samples] + [name for _, name in gold]
+    order = rng.permutation(len(targets)).tolist()
+    ids = new_public_ids(len(order))
+    questions = [
+        _NewQuestion(public_id, kind, index, position, cluster_id, tree_id, leaf_pos, gold_id)
+        for position, (public_id, (kind, cluster_id, tree_id, leaf_pos, gold_id)) in enumerate(
+            zip(ids, (targets[i] for i in order), strict=True)
         )
-    return rows
+    ]
+    payload = encode_payload(list(zip(ids, (names[i] for i in order), strict=True)))
+    return questions, payload
 
 
 def build_hits(
@@ -432,6 +502,43 @@ def build_hits(
     return []
 
 
+_OPEN_HITS = select(func.count()).where(
+    _H.c.campaign_id == bindparam("cid"), _H.c.status == HitStatus.OPEN
+)
+
+
+def needs_refill(crowd: CrowdParams, open_hits: int) -> bool:
+    """Whether a campaign with ``open_hits`` open HITs should build its next batch now: as soon
+    as less than a batch is left, so a whole batch is still there to claim while the next one is
+    built (claims never wait for a build unless the workers outrun the builder)."""
+    return open_hits < crowd.build_batch_hits
+
+
+def refill(
+    session: Session,
+    campaign_id: int,
+    *,
+    rng: np.random.Generator | None = None,
+    now: datetime | None = None,
+) -> list[int]:
+    """Build the campaign's next batch ahead of demand, if it is running low and no one else is
+    building it (PostgreSQL: a try-lock on the build lock, so concurrent refills do not pile up;
+    SQLite serialises writers anyway). The caller commits. Returns the HITs built."""
+    if _postgres(session):
+        locked = session.execute(
+            select(func.pg_try_advisory_xact_lock(BUILD_LOCK_CLASS, campaign_id))
+        ).scalar_one()
+        if not locked:
+            return []
+    campaign = load_campaign(session, campaign_id)
+    if campaign.status is not CampaignStatus.RUNNING:
+        return []
+    open_hits = session.execute(_OPEN_HITS, {"cid": campaign_id}).scalar_one()
+    if not needs_refill(campaign.crowd, open_hits):
+        return []
+    return build_hits(session, campaign, campaign.crowd.build_batch_hits, rng=rng, now=now)
+
+
 def build_hit(
     session: Session,
     campaign: CampaignInfo,
@@ -450,15 +557,33 @@ def _build_in_savepoint(
     """The new HITs' ids, ``[]`` when no candidate needs a question (decisions taken on the way
     are kept); raises :class:`_NoHit` when the reservation fails (everything rolls back).
 
-    All samples are shuffled together and dealt into HITs, so a cluster's questions spread over
-    several HITs and workers (as in the paper's live rounds).
+    The samples (in priority order) are cut into groups of ``hits_per_build`` HITs, shuffled within
+    each group and dealt into its HITs, so a cluster's questions spread over several HITs and
+    workers (as in the paper's live rounds) and a HIT's questions come from a few clusters.
     """
     per_hit = campaign.questions_per_hit
     plan = _plan_samples(session, campaign, count * per_hit, rng, now)
     if not plan.samples:
         return []
-    samples = [plan.samples[i] for i in rng.permutation(len(plan.samples)).tolist()]
-    chunks = [samples[i : i + per_hit] for i in range(0, len(samples), per_hit)]
+    group = campaign.crowd.hits_per_build * per_hit
+    groups = []
+    for start in range(0, len(plan.samples), group):
+        part = plan.samples[start : start + group]
+        part = [part[i] for i in rng.permutation(len(part)).tolist()]
+        groups.append([part[i : i + per_hit] for i in range(0, len(part), per_hit)])
+    # HITs are claimed in id order: dealing the groups' HITs round-robin means HITs claimed (and
+    # so answered) at about the same time come from different groups and share no cluster, so
+    # their submissions do not queue for the same cluster rows.
+    chunks = [g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g)]
+    class_of_tree = dict(
+        session.execute(_TREE_CLASSES, {"ids": sorted({s.tree_id for s in plan.samples})}).all()
+    )
+    gold_pool = _gold_pool(session, campaign, campaign.gold_per_hit * len(chunks))
+    hits: list[tuple[list[_NewQuestion], str]] = []
+    for index, chunk in enumerate(chunks):
+        take = min(campaign.gold_per_hit, len(gold_pool))
+        gold = [gold_pool[i] for i in rng.choice(len(gold_pool), size=take, replace=False)]
+        hits.append(_hit_questions(index, chunk, gold, class_of_tree, rng))
     lifetime = campaign.crowd.hit_lifetime_seconds
     hit_ids = list(
         session.scalars(
@@ -469,25 +594,47 @@ def _build_in_savepoint(
                     "status": HitStatus.OPEN,
                     "cost_micros": campaign.hit_cost,
                     "max_assignments": campaign.assignments_per_hit,
+                    "lease_seconds": campaign.crowd.lease_seconds,
+                    "payload": payload,
                     "expires_at": now + timedelta(seconds=lifetime) if lifetime else None,
                 }
-                for _ in chunks
+                for _, payload in hits
             ],
         )
     )
-    gold_pool = _gold_pool(session, campaign, campaign.gold_per_hit * len(chunks))
-    rows: list[dict[str, Any]] = []
-    for hit_id, chunk in zip(hit_ids, chunks, strict=True):
-        take = min(campaign.gold_per_hit, len(gold_pool))
-        gold = [gold_pool[i] for i in rng.choice(len(gold_pool), size=take, replace=False)]
-        rows.extend(_hit_questions(hit_id, chunk, gold, rng))
-    _insert_questions(session, rows)
-    session.execute(update(_CL).where(_CL.c.id.in_(plan.used)).values(state=ClusterState.ACTIVE))
+    _insert_questions(session, [q for questions, _ in hits for q in questions], hit_ids)
+    opened: dict[int, int] = {}
+    for sample in plan.samples:
+        opened[sample.cluster_id] = opened.get(sample.cluster_id, 0) + 1
+    _open_questions(session, opened)
     if not money.reserve(
         session, campaign.id, campaign.hit_cost, hit_ids, next_hit_cost=campaign.hit_cost
     ):
         raise _NoHit
     return hit_ids
+
+
+_OPEN_QUESTIONS = (
+    update(_CL)
+    .where(_CL.c.id == bindparam("cid"))
+    .values(state=ClusterState.ACTIVE, open_questions=_CL.c.open_questions + bindparam("k"))
+)
+_PG_OPEN_QUESTIONS = (
+    "UPDATE clusters c SET state = 'active', open_questions = c.open_questions + d.k "
+    "FROM unnest(%(ids)b::integer[], %(ks)b::integer[]) AS d(id, k) WHERE c.id = d.id"
+)
+
+
+def _open_questions(session: Session, opened: dict[int, int]) -> None:
+    """Clusters that got questions become ``active`` with that many more open questions (their
+    rows are already locked by :func:`_candidates`). One statement on PostgreSQL."""
+    ids = sorted(opened)
+    if _postgres(session):
+        driver = session.connection().connection.driver_connection
+        params = {"ids": ids, "ks": [opened[i] for i in ids]}
+        driver.execute(_PG_OPEN_QUESTIONS, params, prepare=True, binary=True)
+    else:
+        session.execute(_OPEN_QUESTIONS, [{"cid": i, "k": opened[i]} for i in ids])
 
 
 def _finish_if_done(session: Session, campaign: CampaignInfo) -> None:
@@ -524,18 +671,30 @@ class WorkerRow:
 
 @dataclass(frozen=True)
 class Claim:
+    """A worker's current assignment. ``payload`` is the HIT's question list as JSON text, sent
+    verbatim (see :func:`encode_payload`)."""
+
     assignment_id: str
     lease_expires_at: datetime
-    questions: list[dict[str, str]]
+    payload: str
     answered: list[str]
 
+    @property
+    def questions(self) -> list[dict[str, str]]:
+        return json.loads(self.payload)
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "assignment_id": self.assignment_id,
-            "questions": self.questions,
-            "answered": self.answered,
-            "lease_expires_at": self.lease_expires_at.isoformat(),
-        }
+        return json.loads(self.json_text())
+
+    def json_text(self) -> str:
+        """The claim as the API sends it, spliced around the stored payload (keys sorted, as
+        ``jsonify`` writes them) rather than decoded and encoded again."""
+        return (
+            f'{{"answered":{json.dumps(self.answered, separators=(",", ":"))},'
+            f'"assignment_id":{json.dumps(self.assignment_id)},'
+            f'"lease_expires_at":"{aware(self.lease_expires_at).astimezone(UTC).isoformat()}",'
+            f'"questions":{self.payload}}}'
+        )
 
 
 _SAMPLES_OF = select(_Q.c.cluster_id, _Q.c.leaf_pos, _Q.c.status).where(
@@ -543,23 +702,15 @@ _SAMPLES_OF = select(_Q.c.cluster_id, _Q.c.leaf_pos, _Q.c.status).where(
     _Q.c.kind == QuestionKind.SAMPLE,
     _Q.c.status != QuestionStatus.DISCARDED,
 )
-_PAYLOAD = (
-    select(_Q.c.public_id, _PC.c.name)
-    .select_from(
-        _Q.outerjoin(_T, _T.c.id == _Q.c.tree_id)
-        .outerjoin(_G, _G.c.id == _Q.c.gold_item_id)
-        .join(_PC, _PC.c.id == func.coalesce(_T.c.class_id, _G.c.class_id))
-    )
-    .where(_Q.c.hit_id == bindparam("hid"))
-    .order_by(_Q.c.position)
-)
+_PAYLOAD = select(_H.c.payload).where(_H.c.id == bindparam("hid"))
 _ANSWERED_IDS = (
     select(_Q.c.public_id)
     .join(_A, _A.c.question_id == _Q.c.id)
     .where(_A.c.assignment_id == bindparam("aid"))
+    .order_by(_Q.c.position)
 )
 _LOCK_OPEN_HIT = (
-    select(_H.c.id, _H.c.max_assignments)
+    select(_H.c.id, _H.c.max_assignments, _H.c.lease_seconds, _H.c.payload)
     .where(
         _H.c.campaign_id == bindparam("cid"),
         _H.c.status == HitStatus.OPEN,
@@ -576,30 +727,36 @@ _HIT_ASSIGNED = update(_H).where(_H.c.id == bindparam("hid")).values(status=HitS
 _LIVE_ASSIGNMENTS = select(func.count()).where(
     _AS.c.hit_id == bindparam("hid"), _AS.c.status.in_(_LIVE)
 )
+#: Key space of the advisory lock that makes one claim per campaign build at a time (the first
+#: half of PostgreSQL's two-part advisory key; the campaign id is the second).
+BUILD_LOCK_CLASS = 0x4D4D_4201
 
 
 def question_payload(session: Session, hit_id: int) -> list[dict[str, str]]:
-    """``[{id, image_url, class_name}]`` in the HIT's shuffled order. Gold and sample questions
-    produce identical shapes (random ids, the same URL scheme), one query for all of them."""
-    rows = session.execute(_PAYLOAD, {"hid": hit_id}).all()
-    return [{"id": pid, "image_url": image_url(pid), "class_name": name} for pid, name in rows]
+    """``[{id, image_url, class_name}]`` in the HIT's shuffled order, as stored when it was built."""
+    return json.loads(session.execute(_PAYLOAD, {"hid": hit_id}).scalar_one())
 
 
-def _lock_open_hit(session: Session, campaign_id: int, worker_id: int) -> tuple[int, int] | None:
+@dataclass(frozen=True)
+class _OpenHit:
+    id: int
+    max_assignments: int
+    lease_seconds: int
+    payload: str
+
+
+def _lock_open_hit(session: Session, campaign_id: int, worker_id: int) -> _OpenHit | None:
     row = session.execute(_LOCK_OPEN_HIT, {"cid": campaign_id, "wid": worker_id}).first()
-    return None if row is None else (row[0], row[1])
+    return None if row is None else _OpenHit(*row)
 
 
-def _assign(
-    session: Session, hit: tuple[int, int], worker_id: int, lease_seconds: int, now: datetime
-) -> Claim:
-    hit_id, max_assignments = hit
+def _assign(session: Session, hit: _OpenHit, worker_id: int, now: datetime) -> Claim:
     public_id = new_public_id()
-    lease = now + timedelta(seconds=lease_seconds)
+    lease = now + timedelta(seconds=hit.lease_seconds)
     session.execute(
         _NEW_ASSIGNMENT,
         {
-            "hit_id": hit_id,
+            "hit_id": hit.id,
             "worker_id": worker_id,
             "public_id": public_id,
             "status": AssignmentStatus.CLAIMED.value,
@@ -608,10 +765,10 @@ def _assign(
             "gold_total": 0,
         },
     )
-    full = max_assignments == 1 or _live_assignments(session, hit_id) >= max_assignments
+    full = hit.max_assignments == 1 or _live_assignments(session, hit.id) >= hit.max_assignments
     if full:
-        session.execute(_HIT_ASSIGNED, {"hid": hit_id})
-    return Claim(public_id, lease, question_payload(session, hit_id), [])
+        session.execute(_HIT_ASSIGNED, {"hid": hit.id})
+    return Claim(public_id, lease, hit.payload, [])
 
 
 def _live_assignments(session: Session, hit_id: int) -> int:
@@ -629,7 +786,7 @@ _SWEEP_OR_RESUME = (
     .with_for_update(skip_locked=True)
 )
 _ANY_OPEN_HIT = (
-    select(_H.c.id, _H.c.max_assignments, _C.c.params)
+    select(_H.c.id, _H.c.max_assignments, _H.c.lease_seconds, _H.c.payload)
     .select_from(_H.join(_C, _C.c.id == _H.c.campaign_id))
     .where(
         _C.c.project_id == bindparam("pid"),
@@ -657,7 +814,17 @@ def _sweep_or_resume(session: Session, worker_id: int, now: datetime) -> Claim |
     if mine is None:
         return None
     answered = session.scalars(_ANSWERED_IDS, {"aid": mine[0]}).all()
-    return Claim(mine[3], aware(mine[4]), question_payload(session, mine[1]), list(answered))
+    payload = session.execute(_PAYLOAD, {"hid": mine[1]}).scalar_one()
+    return Claim(mine[3], aware(mine[4]), payload, list(answered))
+
+
+def _wait_for_builder(session: Session, campaign_id: int) -> None:
+    """PostgreSQL: take the campaign's build lock (held to the end of the transaction). If another
+    claim is building, this waits for it; the next statement's snapshot then sees its HITs."""
+    if _postgres(session):
+        session.execute(
+            select(func.pg_advisory_xact_lock(BUILD_LOCK_CLASS, campaign_id))
+        ).scalar_one()
 
 
 def claim(
@@ -672,7 +839,6 @@ def claim(
     Refuses blocked and unqualified workers (403) and answers 409 ``no_work`` when no campaign of
     the worker's project has work (paused, stopped, out of money or out of clusters). A worker
     who still holds an unexpired claim gets it back (a reloaded page resumes, it does not hoard).
-    The common case -- an open HIT exists -- costs three queries besides the insert.
     """
     if worker.blocked:
         raise CrowdError(403, "blocked", f"this worker is blocked: {worker.blocked_reason}")
@@ -689,15 +855,18 @@ def claim(
         {"pid": worker.project_id, "backend": worker.backend.value, "wid": worker.id},
     ).first()
     if row is not None:
-        lease = CrowdParams.from_dict(row[2] or {}).lease_seconds
-        return _assign(session, (row[0], row[1]), worker.id, lease, now)
+        return _assign(session, _OpenHit(*row), worker.id, now)
     for campaign in active_campaigns(session, worker.project_id, worker.backend):
         hit = _lock_open_hit(session, campaign.id, worker.id)
         if hit is None and campaign.status is CampaignStatus.RUNNING:
-            built = build_hits(session, campaign, rng=rng, now=now)
-            hit = (built[0], campaign.assignments_per_hit) if built else None
+            _wait_for_builder(session, campaign.id)
+            hit = _lock_open_hit(session, campaign.id, worker.id)
+            if hit is None:
+                count = campaign.crowd.build_batch_hits
+                built = build_hits(session, campaign, count, rng=rng, now=now)
+                hit = _lock_open_hit(session, campaign.id, worker.id) if built else None
         if hit is not None:
-            return _assign(session, hit, worker.id, campaign.crowd.lease_seconds, now)
+            return _assign(session, hit, worker.id, now)
     raise CrowdError(409, "no_work", "no HIT is available right now", persist=True)
 
 
@@ -724,27 +893,21 @@ _UNNEST_ANSWERS = text(
     "SELECT q, :assignment_id, :worker_id, v, m, false "
     "FROM unnest(CAST(:qids AS integer[]), CAST(:vals AS boolean[]), CAST(:ms AS integer[])) "
     "AS t(q, v, m) "
-    "ON CONFLICT (assignment_id, question_id) DO NOTHING RETURNING question_id, id"
+    "ON CONFLICT (assignment_id, question_id) WHERE assignment_id IS NOT NULL DO NOTHING "
+    "RETURNING question_id, id"
 )
 
-_UNNEST_QUESTIONS = text(
+_UNNEST_QUESTIONS = (
     "INSERT INTO questions "
     "(public_id, kind, status, hit_id, position, cluster_id, tree_id, leaf_pos, gold_item_id) "
-    "SELECT * FROM unnest(CAST(:public_id AS varchar[]), CAST(:kind AS varchar[]), "
-    "CAST(:status AS varchar[]), CAST(:hit_id AS integer[]), CAST(:position AS integer[]), "
-    "CAST(:cluster_id AS integer[]), CAST(:tree_id AS integer[]), CAST(:leaf_pos AS bigint[]), "
-    "CAST(:gold_item_id AS integer[]))"
-)
-_QUESTION_COLUMNS = (
-    "public_id",
-    "kind",
-    "status",
-    "hit_id",
-    "position",
-    "cluster_id",
-    "tree_id",
-    "leaf_pos",
-    "gold_item_id",
+    "SELECT * FROM unnest("
+    "string_to_array(%(public_id)s, ','), string_to_array(%(kind)s, ','), "
+    "string_to_array(%(status)s, ','), string_to_array(%(hit_id)s, ',')::integer[], "
+    "string_to_array(%(position)s, ',')::integer[], "
+    "string_to_array(%(cluster_id)s, ',', '')::integer[], "
+    "string_to_array(%(tree_id)s, ',', '')::integer[], "
+    "string_to_array(%(leaf_pos)s, ',', '')::bigint[], "
+    "string_to_array(%(gold_item_id)s, ',', '')::integer[])"
 )
 
 
@@ -752,19 +915,48 @@ def _postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
-def _insert_questions(session: Session, rows: list[dict[str, Any]]) -> None:
-    """All questions of a build in one statement. On PostgreSQL the rows travel as one array per
-    column (``unnest``): a handful of parameters instead of nine per row, which keeps both the
-    driver and the server's planner out of the hot path."""
+def _insert_questions(session: Session, questions: list[_NewQuestion], hit_ids: list[int]) -> None:
+    """All questions of a build in one statement. On PostgreSQL each column travels as one
+    comma-separated string (empty = NULL) split by the server: nine parameters instead of nine
+    per row, and no per-value work in the driver (every value here is a number, an enum value
+    or a URL-safe public id, none contains a comma)."""
+    status = QuestionStatus.OPEN.value
     if not _postgres(session):
-        session.execute(insert(_Q), rows)
+        session.execute(
+            insert(_Q),
+            [
+                {
+                    "public_id": q.public_id,
+                    "kind": q.kind,
+                    "status": status,
+                    "hit_id": hit_ids[q.hit_index],
+                    "position": q.position,
+                    "cluster_id": q.cluster_id,
+                    "tree_id": q.tree_id,
+                    "leaf_pos": q.leaf_pos,
+                    "gold_item_id": q.gold_item_id,
+                }
+                for q in questions
+            ],
+        )
         return
-    columns = {name: [] for name in _QUESTION_COLUMNS}
-    for row in rows:
-        for name in _QUESTION_COLUMNS:
-            value = row[name]
-            columns[name].append(value.value if isinstance(value, StrEnum) else value)
-    session.execute(_UNNEST_QUESTIONS, columns)
+
+    def column(values: Iterable[Any]) -> str:
+        return ",".join("" if v is None else str(v) for v in values)
+
+    columns = {
+        "public_id": ",".join(q.public_id for q in questions),
+        "kind": ",".join(q.kind for q in questions),
+        "status": ",".join(status for _ in questions),
+        "hit_id": column(hit_ids[q.hit_index] for q in questions),
+        "position": column(q.position for q in questions),
+        "cluster_id": column(q.cluster_id for q in questions),
+        "tree_id": column(q.tree_id for q in questions),
+        "leaf_pos": column(q.leaf_pos for q in questions),
+        "gold_item_id": column(q.gold_item_id for q in questions),
+    }
+    driver = session.connection().connection.driver_connection
+    driver.execute(_UNNEST_QUESTIONS, columns, prepare=True)
 
 
 def _insert_answers(session: Session, assignment_id: int, worker_id: int, rows) -> dict[int, int]:
@@ -799,7 +991,10 @@ def _insert_answers(session: Session, assignment_id: int, worker_id: int, rows) 
                 for qid, value, ms in rows
             ]
         )
-        .on_conflict_do_nothing(index_elements=["assignment_id", "question_id"])
+        .on_conflict_do_nothing(
+            index_elements=["assignment_id", "question_id"],
+            index_where=_A.c.assignment_id.is_not(None),
+        )
         .returning(_A.c.question_id, _A.c.id)
     )
     return dict(session.execute(stmt).all())
@@ -1017,7 +1212,7 @@ def retire_hits(
             .values(status=QuestionStatus.DISCARDED)
             .returning(_Q.c.cluster_id)
         ).all()
-        settle(session, zero_counts(c for c in clusters if c is not None), campaign.policy, now)
+        settle(session, closed_counts(clusters), campaign.policy, now)
     # Money last: every writer takes the campaign row after the cluster rows (no deadlock).
     for hit_id, free, share in releases:
         money.release(

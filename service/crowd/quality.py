@@ -58,6 +58,7 @@ __all__ = [
     "AssignmentStats",
     "Review",
     "assignment_stats",
+    "block_reason",
     "block_worker",
     "finalize_assignment",
     "judge",
@@ -179,7 +180,8 @@ def _update_worker_gold(
     return int(row[0]), int(row[1]), bool(row[2])
 
 
-def _block_reason(correct: int, total: int, params: CrowdParams) -> str | None:
+def block_reason(correct: int, total: int, params: CrowdParams) -> str | None:
+    """Why a worker with this running gold score must be blocked, or ``None``."""
     if total < params.worker_min_gold:
         return None
     accuracy = correct / total
@@ -207,13 +209,17 @@ def block_worker(
         .values(blocked=True, blocked_reason=reason, blocked_at=now)
     )
     undecided = (ClusterState.CANDIDATE, ClusterState.ACTIVE)
+    # The worker's answers through their assignments (answers are indexed by assignment, not by
+    # worker: this path is rare, the answer inserts it would slow down are not).
     rows = session.execute(
         select(_A.c.id, _Q.c.id, _Q.c.cluster_id, _Q.c.status, _A.c.value)
         .select_from(
-            _A.join(_Q, _Q.c.id == _A.c.question_id).join(_CL, _CL.c.id == _Q.c.cluster_id)
+            _AS.join(_A, _A.c.assignment_id == _AS.c.id)
+            .join(_Q, _Q.c.id == _A.c.question_id)
+            .join(_CL, _CL.c.id == _Q.c.cluster_id)
         )
         .where(
-            _A.c.worker_id == worker_id,
+            _AS.c.worker_id == worker_id,
             _A.c.discarded.is_(False),
             _Q.c.kind == QuestionKind.SAMPLE,
             _CL.c.state.in_(undecided),
@@ -222,7 +228,7 @@ def block_worker(
     locked = lock_clusters(session, (r[2] for r in rows))
     rows = [r for r in rows if locked[r[2]].state in undecided]
     discard_answers(session, [r[0] for r in rows], f"worker blocked: {reason}")
-    deltas: Counts = {int(r[2]): (0, 0) for r in rows}
+    deltas: Counts = {int(r[2]): (0, 0, 0) for r in rows}
     answered = {r[1]: r for r in rows if QuestionStatus(r[3]) is QuestionStatus.ANSWERED}
     if answered:
         still_valid = set(
@@ -239,8 +245,8 @@ def block_worker(
             )
         for qid in lost:
             cid, value = int(answered[qid][2]), bool(answered[qid][4])
-            yes, no = deltas[cid]
-            deltas[cid] = (yes - 1, no) if value else (yes, no - 1)
+            yes, no, closed = deltas[cid]
+            deltas[cid] = (yes - 1, no, closed) if value else (yes, no - 1, closed)
     claims = session.execute(
         select(_AS.c.id, _AS.c.hit_id).where(
             _AS.c.worker_id == worker_id, _AS.c.status == AssignmentStatus.CLAIMED
@@ -315,20 +321,20 @@ def finalize_assignment(
     if not approved:
         discard_answers(session, _sample_answer_ids(session, assignment_id), reason)
     correct, total, already_blocked = _update_worker_gold(session, worker_id, stats)
-    block_reason = None if already_blocked else _block_reason(correct, total, params)
+    blocked_for = None if already_blocked else block_reason(correct, total, params)
     deltas: Counts = {}
-    if block_reason is not None:
-        deltas = block_worker(session, worker_id, block_reason, now=now)
+    if blocked_for is not None:
+        deltas = block_worker(session, worker_id, blocked_for, now=now)
     complete = _hit_complete(session, hit_id, max_assignments)
     if complete:
         session.execute(_HIT_COMPLETED, {"hid": hit_id})
         # Answers discarded above changed the votes: read them again on those (rare) paths.
-        fresh = votes if approved and block_reason is None else None
+        fresh = votes if approved and blocked_for is None else None
         deltas = merge_counts(deltas, aggregate_hit(session, hit_id, params.aggregation, fresh))
     if deltas:
         settle(session, deltas, campaign.policy, now)
     _pay(session, campaign, hit_id, assignment_id, approved)
-    return Review(approved, reason, stats, block_reason is not None, complete)
+    return Review(approved, reason, stats, blocked_for is not None, complete)
 
 
 def _pay(

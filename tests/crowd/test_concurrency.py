@@ -132,6 +132,22 @@ def test_sixteen_threads_claiming_and_answering(app, client, db):
         ).all()
     )
     assert counts == answered
+    # Every cluster's open-question counter agrees with its questions still out.
+    still_open = dict(
+        db.execute(
+            select(Question.cluster_id, func.count())
+            .where(Question.status == QuestionStatus.OPEN, Question.kind == "sample")
+            .group_by(Question.cluster_id)
+        ).all()
+    )
+    counters = dict(
+        db.execute(
+            select(Cluster.id, Cluster.open_questions).where(
+                Cluster.tree_id == world.tree_id, Cluster.open_questions > 0
+            )
+        ).all()
+    )
+    assert counters == still_open
 
     # Money: every reservation accounted for, never past the budget.
     row = db.execute(

@@ -33,11 +33,22 @@ def _as_set(array: np.ndarray) -> set[tuple[int, int]]:
 
 
 @pytest.mark.parametrize(
-    ("variant", "reuse"), [("paper", True), ("curtailed", True), ("paper", False)]
+    ("variant", "reuse", "path"),
+    [
+        ("paper", True, "fast"),
+        ("curtailed", True, "fast"),
+        ("paper", False, "fast"),
+        ("paper", True, "portable"),
+        ("curtailed", False, "portable"),
+    ],
 )
-def test_live_decisions_equal_the_engine(client, db, variant, reuse):
+def test_live_decisions_equal_the_engine(client, db, monkeypatch, variant, reuse, path):
+    """Both implementations of the hot path (PostgreSQL's fast path and the portable code that
+    SQLite and every unusual case use) reach the engine's decisions."""
+    if path == "portable":
+        monkeypatch.setattr("service.crowd.fastpath.available", lambda _session: False)
     params = {"variant": variant, "reuse_parent_answers": reuse}
-    world = make_world(client, db, params, name=f"eq-{variant}-{reuse}")
+    world = make_world(client, db, params, name=f"eq-{variant}-{reuse}-{path}")
     scores, truth = block_world("GLBLMLGL")
     add_tree(db, world, scores, truth)
     add_gold(db, world, [True, False])
@@ -69,6 +80,10 @@ def test_live_decisions_equal_the_engine(client, db, variant, reuse):
         )
     )
     assert left == 0
+    open_left = db.scalar(
+        select(func.sum(Cluster.open_questions)).where(Cluster.tree_id == world.tree_id)
+    )
+    assert open_left == 0
 
 
 def test_split_children_inherit_the_parent_answers(client, db):

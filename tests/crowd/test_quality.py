@@ -63,7 +63,10 @@ def _sample_questions(db, hit):
 
 
 def test_a_hit_failing_gold_is_rejected_and_reasked(client, db):
-    world, campaign, _ = _setup(client, db, "gold-fail", params={"hits_per_build": 1})
+    # One HIT built at a time: the re-asked clusters are next in line, not behind a built batch.
+    world, campaign, _ = _setup(
+        client, db, "gold-fail", params={"hits_per_build": 1, "build_batch_hits": 1}
+    )
     spammer, honest = _worker(client, db, world), _worker(client, db, world)
     hit = do_hit(client, db, world, spammer["token"], answerer=lambda _q, _right: True)
     assignment = _assignment(db, hit["assignment_id"])

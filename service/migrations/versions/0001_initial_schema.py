@@ -492,6 +492,7 @@ def upgrade() -> None:
         ),
         sa.Column("yes_count", sa.Integer(), nullable=False),
         sa.Column("no_count", sa.Integer(), nullable=False),
+        sa.Column("open_questions", sa.Integer(), server_default=sa.text("0"), nullable=False),
         sa.Column("decided_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column(
             "created_at",
@@ -502,7 +503,8 @@ def upgrade() -> None:
         sa.CheckConstraint("lo >= 0 AND lo < hi", name=op.f("ck_clusters_range_valid")),
         sa.CheckConstraint("size = hi - lo", name=op.f("ck_clusters_size_matches_range")),
         sa.CheckConstraint(
-            "yes_count >= 0 AND no_count >= 0", name=op.f("ck_clusters_counts_non_negative")
+            "yes_count >= 0 AND no_count >= 0 AND open_questions >= 0",
+            name=op.f("ck_clusters_counts_non_negative"),
         ),
         sa.ForeignKeyConstraint(
             ["parent_id"],
@@ -534,6 +536,7 @@ def upgrade() -> None:
             sqlite_where=sa.text("state = 'candidate'"),
         )
         batch_op.create_index(batch_op.f("ix_clusters_tree_id_lo"), ["tree_id", "lo"], unique=False)
+        batch_op.create_index(batch_op.f("ix_clusters_parent_id"), ["parent_id"], unique=False)
 
     op.create_table(
         "hits",
@@ -556,6 +559,8 @@ def upgrade() -> None:
         sa.Column("external_id", sa.String(length=200), nullable=True),
         sa.Column("cost_micros", sa.BigInteger(), nullable=False),
         sa.Column("max_assignments", sa.Integer(), nullable=False),
+        sa.Column("lease_seconds", sa.Integer(), nullable=False),
+        sa.Column("payload", sa.Text(), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column(
             "created_at",
@@ -565,6 +570,7 @@ def upgrade() -> None:
         ),
         sa.CheckConstraint("cost_micros >= 0", name=op.f("ck_hits_cost_non_negative")),
         sa.CheckConstraint("max_assignments >= 1", name=op.f("ck_hits_assignments_positive")),
+        sa.CheckConstraint("lease_seconds > 0", name=op.f("ck_hits_lease_positive")),
         sa.ForeignKeyConstraint(
             ["campaign_id"],
             ["campaigns.id"],
@@ -572,9 +578,15 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_hits")),
-        sa.UniqueConstraint("external_id", name=op.f("uq_hits_external_id")),
     )
     with op.batch_alter_table("hits", schema=None) as batch_op:
+        batch_op.create_index(
+            "uq_hits_external_id",
+            ["external_id"],
+            unique=True,
+            postgresql_where=sa.text("external_id IS NOT NULL"),
+            sqlite_where=sa.text("external_id IS NOT NULL"),
+        )
         batch_op.create_index(
             "ix_hits_open",
             ["campaign_id", "id"],
@@ -588,7 +600,11 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("hit_id", sa.Integer(), nullable=False),
         sa.Column("worker_id", sa.Integer(), nullable=False),
-        sa.Column("public_id", sa.String(length=64), nullable=False),
+        sa.Column(
+            "public_id",
+            sa.String(length=64).with_variant(sa.String(length=64, collation="C"), "postgresql"),
+            nullable=False,
+        ),
         sa.Column("external_id", sa.String(length=200), nullable=True),
         sa.Column(
             "status",
@@ -629,15 +645,23 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_assignments")),
-        sa.UniqueConstraint("external_id", name=op.f("uq_assignments_external_id")),
         sa.UniqueConstraint("hit_id", "worker_id", name=op.f("uq_assignments_hit_id_worker_id")),
         sa.UniqueConstraint("public_id", name=op.f("uq_assignments_public_id")),
     )
     with op.batch_alter_table("assignments", schema=None) as batch_op:
         batch_op.create_index(
-            batch_op.f("ix_assignments_status_lease_expires_at"),
-            ["status", "lease_expires_at"],
+            "ix_assignments_claimed_lease",
+            ["lease_expires_at"],
             unique=False,
+            postgresql_where=sa.text("status = 'claimed'"),
+            sqlite_where=sa.text("status = 'claimed'"),
+        )
+        batch_op.create_index(
+            "uq_assignments_external_id",
+            ["external_id"],
+            unique=True,
+            postgresql_where=sa.text("external_id IS NOT NULL"),
+            sqlite_where=sa.text("external_id IS NOT NULL"),
         )
         batch_op.create_index(
             batch_op.f("ix_assignments_worker_id_status"), ["worker_id", "status"], unique=False
@@ -690,7 +714,11 @@ def upgrade() -> None:
     op.create_table(
         "questions",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("public_id", sa.String(length=64), nullable=False),
+        sa.Column(
+            "public_id",
+            sa.String(length=64).with_variant(sa.String(length=64, collation="C"), "postgresql"),
+            nullable=False,
+        ),
         sa.Column(
             "kind",
             sa.Enum(
@@ -735,12 +763,6 @@ def upgrade() -> None:
             "leaf_pos IS NULL OR leaf_pos >= 0", name=op.f("ck_questions_leaf_pos_non_negative")
         ),
         sa.ForeignKeyConstraint(
-            ["cluster_id"],
-            ["clusters.id"],
-            name=op.f("fk_questions_cluster_id_clusters"),
-            ondelete="CASCADE",
-        ),
-        sa.ForeignKeyConstraint(
             ["gold_item_id"],
             ["gold_items.id"],
             name=op.f("fk_questions_gold_item_id_gold_items"),
@@ -749,11 +771,9 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["hit_id"], ["hits.id"], name=op.f("fk_questions_hit_id_hits"), ondelete="CASCADE"
         ),
-        sa.ForeignKeyConstraint(
-            ["tree_id"], ["trees.id"], name=op.f("fk_questions_tree_id_trees"), ondelete="CASCADE"
-        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_questions")),
         sa.UniqueConstraint("public_id", name=op.f("uq_questions_public_id")),
+        postgresql_with={"fillfactor": 80},
     )
     with op.batch_alter_table("questions", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_questions_cluster_id"), ["cluster_id"], unique=False)
@@ -788,12 +808,6 @@ def upgrade() -> None:
         ),
         sa.CheckConstraint("ms >= 0", name=op.f("ck_answers_ms_non_negative")),
         sa.ForeignKeyConstraint(
-            ["assignment_id"],
-            ["assignments.id"],
-            name=op.f("fk_answers_assignment_id_assignments"),
-            ondelete="CASCADE",
-        ),
-        sa.ForeignKeyConstraint(
             ["qualification_attempt_id"],
             ["qualification_attempts.id"],
             name=op.f("fk_answers_qualification_attempt_id_qualification_attempts"),
@@ -805,30 +819,38 @@ def upgrade() -> None:
             name=op.f("fk_answers_question_id_questions"),
             ondelete="CASCADE",
         ),
-        sa.ForeignKeyConstraint(
-            ["worker_id"],
-            ["workers.id"],
-            name=op.f("fk_answers_worker_id_workers"),
-            ondelete="CASCADE",
-        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_answers")),
-        sa.UniqueConstraint(
-            "assignment_id", "question_id", name=op.f("uq_answers_assignment_id_question_id")
-        ),
-        sa.UniqueConstraint(
-            "qualification_attempt_id",
-            "question_id",
-            name=op.f("uq_answers_qualification_attempt_id_question_id"),
-        ),
     )
     with op.batch_alter_table("answers", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_answers_question_id"), ["question_id"], unique=False)
-        batch_op.create_index(batch_op.f("ix_answers_worker_id"), ["worker_id"], unique=False)
+        batch_op.create_index(
+            "uq_answers_assignment_id_question_id",
+            ["assignment_id", "question_id"],
+            unique=True,
+            postgresql_where=sa.text("assignment_id IS NOT NULL"),
+            sqlite_where=sa.text("assignment_id IS NOT NULL"),
+        )
+        batch_op.create_index(
+            "uq_answers_qualification_attempt_id_question_id",
+            ["qualification_attempt_id", "question_id"],
+            unique=True,
+            postgresql_where=sa.text("qualification_attempt_id IS NOT NULL"),
+            sqlite_where=sa.text("qualification_attempt_id IS NOT NULL"),
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("answers", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_answers_worker_id"))
+        batch_op.drop_index(
+            "uq_answers_qualification_attempt_id_question_id",
+            postgresql_where=sa.text("qualification_attempt_id IS NOT NULL"),
+            sqlite_where=sa.text("qualification_attempt_id IS NOT NULL"),
+        )
+        batch_op.drop_index(
+            "uq_answers_assignment_id_question_id",
+            postgresql_where=sa.text("assignment_id IS NOT NULL"),
+            sqlite_where=sa.text("assignment_id IS NOT NULL"),
+        )
         batch_op.drop_index(batch_op.f("ix_answers_question_id"))
 
     op.drop_table("answers")
@@ -843,7 +865,16 @@ def downgrade() -> None:
     op.drop_table("ledger_entries")
     with op.batch_alter_table("assignments", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_assignments_worker_id_status"))
-        batch_op.drop_index(batch_op.f("ix_assignments_status_lease_expires_at"))
+        batch_op.drop_index(
+            "uq_assignments_external_id",
+            postgresql_where=sa.text("external_id IS NOT NULL"),
+            sqlite_where=sa.text("external_id IS NOT NULL"),
+        )
+        batch_op.drop_index(
+            "ix_assignments_claimed_lease",
+            postgresql_where=sa.text("status = 'claimed'"),
+            sqlite_where=sa.text("status = 'claimed'"),
+        )
 
     op.drop_table("assignments")
     with op.batch_alter_table("hits", schema=None) as batch_op:
@@ -852,9 +883,15 @@ def downgrade() -> None:
             postgresql_where=sa.text("status = 'open'"),
             sqlite_where=sa.text("status = 'open'"),
         )
+        batch_op.drop_index(
+            "uq_hits_external_id",
+            postgresql_where=sa.text("external_id IS NOT NULL"),
+            sqlite_where=sa.text("external_id IS NOT NULL"),
+        )
 
     op.drop_table("hits")
     with op.batch_alter_table("clusters", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_clusters_parent_id"))
         batch_op.drop_index(batch_op.f("ix_clusters_tree_id_lo"))
         batch_op.drop_index(
             "ix_clusters_candidates",

@@ -1,0 +1,597 @@
+"""PostgreSQL fast paths for the two requests every crowd worker repeats: claim a HIT, submit it.
+
+Why a second implementation: a HIT cycle is two HTTP requests, and at hundreds of cycles per second
+the portable code (:mod:`service.crowd.hits`, :mod:`service.crowd.quality`: one SQLAlchemy
+statement per step, a dozen per cycle) spends more time in round trips and statement overhead than
+in the work itself. Here the same steps are a handful of static SQL statements run on the
+session's own psycopg connection (prepared once per connection):
+
+* **claim**: one statement in autocommit. Token -> worker; the worker's unexpired claim if it has
+  one (a reloaded page resumes); otherwise the oldest open single-assignment HIT of its project's
+  offering campaigns, taken ``FOR UPDATE SKIP LOCKED``, gets the assignment and becomes
+  ``assigned``; the HIT's stored payload is returned as is. (A redundant HIT's slots are counted
+  by the portable code, in a statement that runs after the HIT is locked.)
+* **submit**: one round trip sends BEGIN, locks the assignment (``NOWAIT``) and reads the HIT's
+  questions; one statement stores the answers and, when they complete the assignment, closes it:
+  verdict, worker gold, HIT completed, questions answered, cluster counts moved by atomic
+  increments on rows locked in id order (so concurrent submissions of HITs sharing clusters
+  neither lose updates nor deadlock); then one round trip writes the states the policy decided,
+  spends the money (campaign row last, as every writer does) and commits.
+
+Quality control and decisions are the portable ones: :func:`~service.crowd.quality.judge`,
+:func:`~service.crowd.quality.block_reason` and :func:`~service.crowd.decisions.next_state` (which
+calls the engine's :func:`~service.engine.policy.decide`), fed the same numbers, and the unusual
+cases are the portable code's: a claim that finds no open HIT (it builds) or a lapsed lease
+anywhere (it sweeps), and a submission whose assignment row is busy, go to it whole; an assignment
+that completes a redundant HIT, fails quality control or gets its worker blocked has its answers
+stored here and is then judged by :func:`~service.crowd.quality.finalize_assignment` in the same
+transaction. So the two implementations cannot drift apart on the rare paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from sqlalchemy.orm import Session
+
+from service.crowd import CrowdError, CrowdParams
+from service.crowd.decisions import (
+    UNDECIDED,
+    ClusterRow,
+    QuestionVotes,
+    Vote,
+    activate_children,
+    next_state,
+)
+from service.crowd.hits import (
+    CampaignInfo,
+    Claim,
+    SubmitResult,
+    WorkerRow,
+    needs_refill,
+    new_public_id,
+    utcnow,
+)
+from service.crowd.quality import AssignmentStats, block_reason, judge
+from service.engine.policy import PolicyParams
+from service.models import (
+    AssignmentStatus,
+    Backend,
+    CampaignStatus,
+    ClusterState,
+    QuestionKind,
+    QuestionStatus,
+)
+
+__all__ = ["ClaimOutcome", "Fallback", "available", "claim", "submit"]
+
+
+def available(session: Session) -> bool:
+    """The fast paths speak PostgreSQL; every other database uses the portable code."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _driver(session: Session, **execution_options: Any) -> psycopg.Connection:
+    """The psycopg connection under the session's current transaction."""
+    connection = session.connection(execution_options=execution_options or None)
+    return connection.connection.driver_connection
+
+
+def _run(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> psycopg.Cursor:
+    """Execute as a prepared statement (parsed and planned once per connection) with binary
+    results. Small arrays are ``%(name)b`` parameters (binary, no per-element quoting); a HIT's
+    55 answers travel as comma-separated strings the server splits (cheaper still to build)."""
+    return conn.execute(sql, params, prepare=True, binary=True)
+
+
+# ------------------------------------------------------------------------------------- claim
+
+_CLAIM = """
+WITH w AS (
+    SELECT id, project_id, backend, qualified, blocked, blocked_reason
+    FROM workers WHERE token_hash = %(token_hash)s
+),
+ok AS (
+    SELECT id, project_id, backend FROM w
+    WHERE qualified AND NOT blocked AND project_id IS NOT NULL
+),
+mine AS (
+    SELECT a.id, a.public_id, a.hit_id, a.lease_expires_at
+    FROM assignments a JOIN ok ON a.worker_id = ok.id
+    WHERE a.status = 'claimed'
+    ORDER BY a.id LIMIT 1
+),
+lapsed AS (
+    SELECT EXISTS (
+        SELECT 1 FROM assignments WHERE status = 'claimed' AND lease_expires_at < %(now)s
+    ) AS found
+),
+pick AS (
+    SELECT h.id, h.max_assignments, h.lease_seconds, h.payload, ok.id AS worker_id,
+        c.id AS campaign_id, c.params::text AS params
+    FROM ok
+    JOIN campaigns c ON c.project_id = ok.project_id AND c.backend = ok.backend
+        AND c.status IN ('running', 'exhausted')
+    JOIN hits h ON h.campaign_id = c.id AND h.status = 'open' AND h.max_assignments = 1
+    WHERE NOT EXISTS (SELECT 1 FROM mine)
+      AND NOT (SELECT found FROM lapsed)
+      AND NOT EXISTS (SELECT 1 FROM assignments x WHERE x.hit_id = h.id AND x.worker_id = ok.id)
+    ORDER BY h.id
+    LIMIT 1
+    FOR UPDATE OF h SKIP LOCKED
+),
+taken AS (
+    INSERT INTO assignments
+        (hit_id, worker_id, public_id, status, lease_expires_at, gold_correct, gold_total)
+    SELECT id, worker_id, %(public_id)s, 'claimed',
+        %(now)s + lease_seconds * interval '1 second', 0, 0
+    FROM pick
+    RETURNING lease_expires_at
+),
+filled AS (
+    UPDATE hits SET status = 'assigned' FROM pick WHERE hits.id = pick.id
+)
+SELECT w.id, w.project_id, w.backend, w.qualified, w.blocked, w.blocked_reason,
+    (SELECT found FROM lapsed),
+    mine.public_id,
+    mine.lease_expires_at,
+    (SELECT payload FROM hits WHERE id = mine.hit_id),
+    (SELECT coalesce(array_agg(q.public_id ORDER BY q.position), '{}')
+     FROM answers x JOIN questions q ON q.id = x.question_id
+     WHERE x.assignment_id = mine.id),
+    (SELECT lease_expires_at FROM taken),
+    (SELECT payload FROM pick),
+    (SELECT campaign_id FROM pick),
+    (SELECT params FROM pick),
+    (SELECT count(*) FROM hits o, pick WHERE o.campaign_id = pick.campaign_id AND o.status = 'open')
+FROM w LEFT JOIN mine ON true
+"""
+
+
+@dataclass(frozen=True)
+class ClaimOutcome:
+    """What the claim statement found. ``claim`` is set when it served the request; otherwise
+    ``worker`` (if the token is valid) goes to the portable :func:`service.crowd.hits.claim`,
+    which refuses, sweeps or builds as needed. ``refill``: the campaign whose pool of open HITs
+    this claim left low (:func:`service.crowd.hits.refill` should build its next batch)."""
+
+    worker: WorkerRow | None
+    claim: Claim | None
+    refill: int | None = None
+
+
+def claim(session: Session, token_hash: str, *, now: datetime | None = None) -> ClaimOutcome:
+    """Serve a claim in one autocommitted statement when an open HIT (or the worker's own claim)
+    is there to take; see :class:`ClaimOutcome`.
+
+    Must be the session's first statement. If no claim is served, the session is closed again
+    (its connection was in autocommit), so the caller's next statement starts a normal
+    transaction.
+    """
+    now = now or utcnow()
+    public_id = new_public_id()
+    conn = _driver(session, isolation_level="AUTOCOMMIT")
+    row = _run(
+        conn, _CLAIM, {"token_hash": token_hash, "now": now, "public_id": public_id}
+    ).fetchone()
+    if row is None:
+        session.close()
+        return ClaimOutcome(None, None)
+    (wid, project_id, backend, qualified, blocked, reason, lapsed) = row[:7]
+    (mine_public_id, mine_lease, mine_payload, answered, lease, payload) = row[7:13]
+    campaign_id, params, open_hits = row[13:]
+    worker = WorkerRow(wid, project_id, Backend(backend), qualified, blocked, reason)
+    if mine_public_id is not None and not lapsed:
+        resumed = Claim(mine_public_id, _utc(mine_lease), mine_payload, list(answered))
+        return ClaimOutcome(worker, resumed)
+    if lease is None:
+        session.close()
+        return ClaimOutcome(worker, None)
+    # ``open_hits`` counted the HIT just taken (the statement's snapshot predates the claim).
+    low = needs_refill(_crowd(params), open_hits - 1)
+    return ClaimOutcome(
+        worker, Claim(public_id, _utc(lease), payload, []), campaign_id if low else None
+    )
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.astimezone(UTC)
+
+
+# ------------------------------------------------------------------------------------ submit
+
+_LOCK_ASSIGNMENT = """
+SELECT a.id, a.hit_id, a.status, a.lease_expires_at, h.max_assignments,
+    w.id, w.gold_correct, w.gold_total, w.blocked,
+    c.id, c.project_id, c.round_id, c.backend, c.status, c.reward_per_hit_micros,
+    c.questions_per_hit, c.gold_per_hit, c.assignments_per_hit, c.params::text, p.params::text
+FROM assignments a
+JOIN workers w ON w.id = a.worker_id
+JOIN hits h ON h.id = a.hit_id
+JOIN campaigns c ON c.id = h.campaign_id
+JOIN projects p ON p.id = c.project_id
+WHERE a.public_id = %(public_id)s AND w.token_hash = %(token_hash)s
+FOR UPDATE OF a NOWAIT
+"""
+
+# Keyed by the assignment's public id so it can travel in the same pipeline as the lock (it runs
+# after it, with a snapshot taken once the lock is held). The two lookups are scalar subqueries,
+# so every plan of it probes the HIT's questions and this assignment's answers by index.
+_HIT_QUESTIONS = """
+SELECT q.id, q.public_id, q.kind, q.status, q.cluster_id, g.expected, x.id, x.value, x.ms
+FROM questions q
+LEFT JOIN gold_items g ON g.id = q.gold_item_id
+LEFT JOIN answers x ON x.question_id = q.id
+    AND x.assignment_id = (SELECT id FROM assignments WHERE public_id = %(public_id)s)
+WHERE q.hit_id = (SELECT hit_id FROM assignments WHERE public_id = %(public_id)s)
+"""
+
+# The statement that writes the decided states and the money is re-planned on every call by
+# default (its array parameters make the generic plan's estimate look worse than a custom one,
+# though both are the same index probes). ``LOCAL``: the setting ends with the transaction.
+_GENERIC_PLANS = "SET LOCAL plan_cache_mode = force_generic_plan"
+
+_INSERT_ANSWERS = """
+INSERT INTO answers (question_id, assignment_id, worker_id, value, ms, discarded)
+SELECT q, %(assignment_id)s::integer, %(worker_id)s::integer, v, m, false
+FROM unnest(string_to_array(%(qids)s, ',')::integer[],
+    string_to_array(%(vals)s, ',')::boolean[], string_to_array(%(ms)s, ',')::integer[]) AS t(q, v, m)
+ON CONFLICT (assignment_id, question_id) WHERE assignment_id IS NOT NULL DO NOTHING
+"""
+
+# Statement order follows the lock order every writer uses (assignment -- already locked --, HIT,
+# worker, clusters in id order; the campaign comes in the next statement): each data-modifying
+# CTE depends on the previous one, so PostgreSQL runs them in that order.
+_COMPLETE = """
+WITH ins AS (
+    INSERT INTO answers (question_id, assignment_id, worker_id, value, ms, discarded)
+    SELECT q, %(assignment_id)s::integer, %(worker_id)s::integer, v, m, false
+    FROM unnest(string_to_array(%(qids)s, ',')::integer[],
+    string_to_array(%(vals)s, ',')::boolean[], string_to_array(%(ms)s, ',')::integer[]) AS t(q, v, m)
+    ON CONFLICT (assignment_id, question_id) WHERE assignment_id IS NOT NULL DO NOTHING
+    RETURNING 1
+),
+judged AS (
+    UPDATE assignments
+    SET status = 'approved', submitted_at = %(now)s, gold_correct = %(gold_correct)s::integer,
+        gold_total = %(gold_total)s::integer, decision_reason = %(reason)s
+    WHERE id = %(assignment_id)s::integer AND (SELECT count(*) FROM ins) >= 0
+    RETURNING id
+),
+done AS (
+    UPDATE hits SET status = 'completed'
+    WHERE id = %(hit_id)s::integer AND EXISTS (SELECT 1 FROM judged)
+    RETURNING id
+),
+scored AS (
+    UPDATE workers
+    SET gold_correct = gold_correct + %(gold_correct)s::integer, gold_total = gold_total + %(gold_total)s::integer
+    WHERE id = %(worker_id)s::integer AND EXISTS (SELECT 1 FROM done)
+    RETURNING gold_correct, gold_total
+),
+closed AS (
+    UPDATE questions SET status = 'answered'
+    WHERE hit_id = %(hit_id)s::integer AND status = 'open' AND EXISTS (SELECT 1 FROM scored)
+    RETURNING 1
+),
+locked AS (
+    SELECT id FROM clusters
+    WHERE id = ANY(%(cids)b::integer[]) AND (SELECT count(*) FROM closed) >= 0
+    ORDER BY id
+    FOR UPDATE
+),
+counted AS (
+    UPDATE clusters c SET
+        yes_count = c.yes_count
+            + CASE WHEN c.state IN ('candidate', 'active') THEN d.dy ELSE 0 END,
+        no_count = c.no_count
+            + CASE WHEN c.state IN ('candidate', 'active') THEN d.dn ELSE 0 END,
+        open_questions = c.open_questions - d.closed
+    FROM locked
+    JOIN unnest(%(cids)b::integer[], %(dy)b::integer[], %(dn)b::integer[],
+                %(dc)b::integer[]) AS d(id, dy, dn, closed) ON d.id = locked.id
+    WHERE c.id = locked.id
+    RETURNING c.id, c.tree_id, c.parent_id, c.lo, c.hi, c.size, c.score, c.state,
+        c.yes_count, c.no_count, c.open_questions
+)
+SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM closed),
+    (SELECT gold_correct FROM scored), (SELECT gold_total FROM scored),
+    (SELECT json_agg(json_build_array(id, tree_id, parent_id, lo, hi, size, score, state,
+                                      yes_count, no_count, open_questions))
+     FROM counted)
+"""
+
+_DECIDE_AND_PAY = """
+WITH states AS (
+    UPDATE clusters c
+    SET state = d.state, decided_at = CASE WHEN d.decided THEN %(now)s::timestamptz END
+    FROM unnest(%(cids)b::integer[], %(states)b::varchar[], %(decided)b::boolean[])
+        AS d(id, state, decided)
+    WHERE c.id = d.id
+    RETURNING 1
+),
+moved AS (
+    -- No "enough reserved" condition here: if the reservation were short (a bookkeeping bug),
+    -- the table's CHECK (reserved_micros >= 0) fails the statement and the whole transaction.
+    UPDATE campaigns
+    SET reserved_micros = reserved_micros - %(amount)s::bigint,
+        spent_micros = spent_micros + %(amount)s::bigint
+    WHERE id = %(campaign_id)s::integer AND (SELECT count(*) FROM states) >= 0
+    RETURNING id
+),
+ledger AS (
+    INSERT INTO ledger_entries (campaign_id, hit_id, kind, amount_micros, note)
+    SELECT id, %(hit_id)s::integer, 'spend', %(amount)s::bigint, %(note)s FROM moved
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM states), (SELECT count(*) FROM ledger)
+"""
+
+
+class Fallback(Exception):
+    """The fast path cannot serve this request: the caller runs the portable code in a fresh
+    transaction (whatever this one did is rolled back)."""
+
+
+@functools.lru_cache(maxsize=256)
+def _crowd(crowd_json: str) -> CrowdParams:
+    """A campaign's params, parsed and validated once per distinct JSON text."""
+    return CrowdParams.from_dict(json.loads(crowd_json) or {})
+
+
+@functools.lru_cache(maxsize=256)
+def _policy(policy_json: str) -> PolicyParams:
+    """A project's policy params, parsed and validated once per distinct JSON text."""
+    return PolicyParams.from_dict(json.loads(policy_json) or {})
+
+
+def _campaign(row: Sequence[Any]) -> CampaignInfo:
+    crowd, policy = _crowd(row[9]), _policy(row[10])
+    return CampaignInfo(
+        id=row[0],
+        project_id=row[1],
+        round_id=row[2],
+        backend=Backend(row[3]),
+        status=CampaignStatus(row[4]),
+        reward_micros=row[5],
+        questions_per_hit=row[6],
+        gold_per_hit=row[7],
+        assignments_per_hit=row[8],
+        crowd=crowd,
+        policy=policy,
+    )
+
+
+@dataclass(frozen=True)
+class _Question:
+    id: int
+    kind: QuestionKind
+    open: bool
+    cluster_id: int | None
+    expected: bool | None
+    answer: tuple[int, bool, int] | None  # (answer id, value, ms) already stored
+
+
+def submit(
+    session: Session,
+    token_hash: str,
+    assignment_public_id: str,
+    answers: Sequence[tuple[str, bool, int]],
+    *,
+    now: datetime | None = None,
+) -> SubmitResult:
+    """Store ``(question public id, value, ms)`` answers and, if they complete the assignment,
+    judge it, count it and pay for it -- in the caller's transaction, which the caller commits.
+
+    Raises :class:`Fallback` (the caller rolls back and runs the portable code) when the token and
+    assignment do not match or the assignment row is busy, :class:`CrowdError` for refusals.
+    """
+    now = now or utcnow()
+    conn = _driver(session)
+    key = {"public_id": assignment_public_id, "token_hash": token_hash}
+    try:
+        # One round trip: BEGIN, the lock, and the HIT's questions.
+        with conn.pipeline():
+            locked = _run(conn, _LOCK_ASSIGNMENT, key)
+            read = _run(conn, _HIT_QUESTIONS, key)
+    except pg_errors.LockNotAvailable:
+        raise Fallback("the assignment is being written by another request") from None
+    head = locked.fetchone()
+    if head is None:
+        raise Fallback("no such assignment for this token")  # the portable code says which
+    assignment_id, hit_id, status, lease, max_assignments = head[:5]
+    worker_id, worker_correct, worker_total, worker_blocked = head[5:9]
+    status = AssignmentStatus(status)
+    if status is AssignmentStatus.EXPIRED or (status is AssignmentStatus.CLAIMED and lease <= now):
+        raise CrowdError(409, "lease_expired", "the lease on this assignment has expired")
+    questions: dict[str, _Question] = {}
+    for qid, pid, kind, qstatus, cluster_id, expected, aid, value, ms in read:
+        questions[pid] = _Question(
+            qid,
+            QuestionKind(kind),
+            qstatus == QuestionStatus.OPEN.value,
+            cluster_id,
+            expected,
+            None if aid is None else (aid, value, ms),
+        )
+    unknown = sorted({pid for pid, _, _ in answers if pid not in questions})
+    if unknown:
+        raise CrowdError(
+            422,
+            "validation_error",
+            f"answers.question_id: not in this assignment: {', '.join(unknown[:5])}",
+        )
+    if status is not AssignmentStatus.CLAIMED:
+        return SubmitResult(0, len(answers), True, assignment_id, hit_id, False)
+    new: dict[str, tuple[bool, int]] = {}
+    for pid, value, ms in answers:
+        if questions[pid].answer is None and pid not in new:
+            new[pid] = (value, ms)
+    answered = sum(1 for q in questions.values() if q.answer is not None)
+    complete = answered + len(new) >= len(questions)
+    rows = {
+        "assignment_id": assignment_id,
+        "worker_id": worker_id,
+        # A HIT's answers travel as three comma-separated strings: joining them is C code, where
+        # psycopg's array dumper would loop over 55 values in Python for each array.
+        "qids": ",".join(str(questions[pid].id) for pid in new),
+        "vals": ",".join("t" if v else "f" for v, _ in new.values()),
+        "ms": ",".join(str(m) for _, m in new.values()),
+    }
+    if not complete:
+        stored = _run(conn, _INSERT_ANSWERS, rows).rowcount if new else 0
+        if stored != len(new):
+            raise Fallback("answers were stored concurrently")
+        return SubmitResult(stored, len(answers) - stored, False, assignment_id, hit_id, False)
+    campaign = _campaign(head[9:])
+    stats = _stats(questions, new)
+    approved, reason = judge(stats, campaign.crowd)
+    correct, total = worker_correct + stats.gold_correct, worker_total + stats.gold_total
+    simple = (
+        max_assignments == 1
+        and approved
+        and not worker_blocked
+        and block_reason(correct, total, campaign.crowd) is None
+    )
+    if not simple:
+        return _complete_portably(session, conn, rows, questions, new, answers, hit_id, now)
+    _complete(conn, session, campaign, rows, questions, new, stats, reason, hit_id, now)
+    return SubmitResult(len(new), len(answers) - len(new), True, assignment_id, hit_id, True)
+
+
+def _stats(questions: dict[str, _Question], new: dict[str, tuple[bool, int]]) -> AssignmentStats:
+    """Answer count, time and gold score of the whole assignment (stored answers plus new ones)."""
+    count = total_ms = gold_total = gold_correct = 0
+    for pid, q in questions.items():
+        if q.answer is not None:
+            value, ms = q.answer[1], q.answer[2]
+        elif pid in new:
+            value, ms = new[pid]
+        else:
+            continue
+        count += 1
+        total_ms += ms
+        if q.kind is QuestionKind.GOLD and q.expected is not None:
+            gold_total += 1
+            gold_correct += value == q.expected
+    return AssignmentStats(count, total_ms, gold_total, gold_correct)
+
+
+def _complete(
+    conn: psycopg.Connection,
+    session: Session,
+    campaign: CampaignInfo,
+    rows: dict[str, Any],
+    questions: dict[str, _Question],
+    new: dict[str, tuple[bool, int]],
+    stats: AssignmentStats,
+    reason: str,
+    hit_id: int,
+    now: datetime,
+) -> None:
+    """Approve a single-assignment HIT: its one vote per question is the label (what
+    :func:`~service.crowd.decisions.aggregate_hit` concludes for one voter)."""
+    deltas: dict[int, list[int]] = {}
+    for pid, q in questions.items():
+        if not q.open or q.kind is not QuestionKind.SAMPLE:
+            continue
+        value = q.answer[1] if q.answer is not None else new[pid][0]
+        delta = deltas.setdefault(int(q.cluster_id), [0, 0, 0])
+        delta[0 if value else 1] += 1
+        delta[2] += 1
+    cids = sorted(deltas)
+    params = dict(
+        rows,
+        now=now,
+        hit_id=hit_id,
+        gold_correct=stats.gold_correct,
+        gold_total=stats.gold_total,
+        reason=reason,
+        cids=cids,
+        dy=[deltas[c][0] for c in cids],
+        dn=[deltas[c][1] for c in cids],
+        dc=[deltas[c][2] for c in cids],
+    )
+    inserted, _, _, worker_total, counted = _run(conn, _COMPLETE, params).fetchone()
+    if inserted != len(new) or worker_total is None:
+        raise Fallback("the assignment changed under the submission")
+    changed, splits = _decide(counted or [], campaign.policy)
+    if splits:
+        activate_children(session, splits, campaign.policy, now)
+    share = campaign.assignment_cost
+    params = {
+        "cids": [c.id for c in changed],
+        "states": [c.state.value for c in changed],
+        "decided": [c.state not in UNDECIDED for c in changed],
+        "now": now,
+        "campaign_id": campaign.id,
+        "amount": share,
+        "hit_id": hit_id,
+        "note": f"assignment {rows['assignment_id']} approved",
+    }
+    # The campaign row is the hottest lock of all: take it in the transaction's last statement
+    # and commit in the same round trip, so it is held for as short a time as possible. (The
+    # session's own commit afterwards finds nothing left to do.)
+    with conn.pipeline():
+        conn.execute(_GENERIC_PLANS)
+        _run(conn, _DECIDE_AND_PAY, params)
+        conn.commit()
+
+
+def _decide(
+    counted: list[list[Any]], policy: PolicyParams
+) -> tuple[list[ClusterRow], list[ClusterRow]]:
+    """The clusters whose state changes with their new counts, and those among them that split
+    (their children are activated before the transaction ends)."""
+    changed, splits = [], []
+    for values in counted:
+        cluster = ClusterRow.of(values)
+        if cluster.state not in UNDECIDED:
+            continue  # decided earlier: late answers are kept but change nothing
+        state = next_state(cluster, policy)
+        if state is not cluster.state:
+            cluster.state = state
+            changed.append(cluster)
+            if state in (ClusterState.SPLIT, ClusterState.AUTO_SPLIT):
+                splits.append(cluster)
+    return changed, splits
+
+
+def _complete_portably(
+    session: Session,
+    conn: psycopg.Connection,
+    rows: dict[str, Any],
+    questions: dict[str, _Question],
+    new: dict[str, tuple[bool, int]],
+    answers: Sequence[tuple[str, bool, int]],
+    hit_id: int,
+    now: datetime,
+) -> SubmitResult:
+    """Store the answers, then let :func:`~service.crowd.quality.finalize_assignment` judge the
+    assignment (rejection, blocking, redundancy) in the same transaction."""
+    from service.crowd.quality import finalize_assignment
+
+    stored = dict(_run(conn, _INSERT_ANSWERS + " RETURNING question_id, id", rows).fetchall())
+    if len(stored) != len(new):
+        raise Fallback("answers were stored concurrently")
+    assignment_id, worker_id = rows["assignment_id"], rows["worker_id"]
+    votes: dict[int, QuestionVotes] = {}
+    for pid, q in questions.items():
+        if not q.open:
+            continue
+        entry = votes[q.id] = QuestionVotes(q.cluster_id, q.kind, q.expected, [])
+        if q.answer is not None:
+            answer_id, value, ms = q.answer
+            entry.votes.append(Vote(answer_id, worker_id, bool(value), assignment_id, ms))
+        elif pid in new:
+            value, ms = new[pid]
+            entry.votes.append(Vote(stored[q.id], worker_id, value, assignment_id, ms))
+    finalize_assignment(session, assignment_id, hit_id, worker_id, votes=votes, now=now)
+    return SubmitResult(len(stored), len(answers) - len(stored), True, assignment_id, hit_id, True)
