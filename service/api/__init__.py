@@ -16,6 +16,7 @@ def register(app: Flask) -> None:
         openapi,
         predictions,
         projects,
+        rounds,
         timeline,
         work,
         workers,
@@ -26,6 +27,7 @@ def register(app: Flask) -> None:
     app.register_blueprint(images.bp)
     app.register_blueprint(ground_truth.bp)
     app.register_blueprint(predictions.bp)
+    app.register_blueprint(rounds.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(export.bp)
     app.register_blueprint(openapi.bp)

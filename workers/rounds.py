@@ -1,0 +1,270 @@
+"""The round pipeline: train → detect (shards) → cluster, one job per stage.
+
+Why one job per stage, each enqueuing the next with a deterministic id, rather than one job doing
+everything: detection must spread over many machines (a shard per job, DESIGN.md "Workers"), and the
+stages want different queues (``gpu`` for training and detection, ``cpu`` for clustering). A single
+job would pin the whole round to one machine, and a job waiting for others would hold a worker idle
+(and deadlock the embedded single-thread runner). The ids make every hand-over idempotent: a
+stage that is retried after it already enqueued the next one gets ``DuplicateJobError`` and moves on.
+
+::
+
+    round-p{pid}-r{n}        run_round      (cpu)  snapshot the pool, enqueue training
+    train-p{pid}-r{n}        train_stage    (gpu)  workers.train.train, then the detect shards
+    detect-p{pid}-r{n}-s{k}  detect_stage   (gpu)  workers.detect.detect on shard k; the shard that
+                                                   finds every shard written enqueues clustering
+    cluster-p{pid}-r{n}      cluster_stage  (cpu)  workers.detect.finish_round → build_trees
+
+``Round.status`` moves forward only (pending → training → detecting → clustering → ready), so a
+late retry of an earlier stage cannot move it back. A stage that fails for good (a non-transient
+error, or a transient one on its last attempt) marks the round ``failed``; its error stays on its job
+row, where ``GET /api/v1/projects/{pid}/rounds`` and ``GET /api/v1/jobs/{id}`` report it. Stages of a
+round that already failed do nothing.
+
+This module imports no torch at import time: the web service imports it when it enqueues
+``workers.rounds.run_round`` by name (``service.jobs.resolve`` checks the function exists).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from service.api.rounds import cluster_job_id, detect_job_id, train_job_id
+from service.jobs import _TRANSIENT, DuplicateJobError, JobContext, enqueue
+from service.models import Image, Job, Round, RoundStatus
+
+#: Statuses in pipeline order; a stage only ever moves a round forward along it.
+ORDER = (
+    RoundStatus.PENDING,
+    RoundStatus.TRAINING,
+    RoundStatus.DETECTING,
+    RoundStatus.CLUSTERING,
+    RoundStatus.READY,
+)
+
+TRAIN_JOB = "workers.rounds.train_stage"
+DETECT_JOB = "workers.rounds.detect_stage"
+CLUSTER_JOB = "workers.rounds.cluster_stage"
+
+
+# ------------------------------------------------------------------------------- round status
+
+
+def advance(ctx: JobContext, round_id: int, status: RoundStatus) -> bool:
+    """Move the round forward to ``status`` (never back); False when the round has failed."""
+    earlier = ORDER[: ORDER.index(status)]
+    with ctx.database.session() as session:
+        current = session.scalar(select(Round.status).where(Round.id == round_id))
+        if current is None:
+            raise ValueError(f"round {round_id} does not exist")
+        if current is RoundStatus.FAILED:
+            return False
+        session.execute(
+            update(Round)
+            .where(Round.id == round_id, Round.status.in_(earlier))
+            .values(status=status)
+        )
+        session.commit()
+    return True
+
+
+def mark_failed(ctx: JobContext, round_id: int) -> None:
+    with ctx.database.session() as session:
+        session.execute(
+            update(Round)
+            .where(Round.id == round_id, Round.status != RoundStatus.READY)
+            .values(status=RoundStatus.FAILED)
+        )
+        session.commit()
+
+
+def _last_attempt(ctx: JobContext) -> bool:
+    """Whether a transient failure now is final (no retry left), as the dispatchers count."""
+    with ctx.database.session() as session:
+        job = session.get(Job, ctx.job_id)
+        if job is None:  # called directly, outside the job machinery: nothing will retry
+            return True
+        return job.attempts > len(ctx.settings.job_retry_delays)
+
+
+@contextmanager
+def failure_marks_round(ctx: JobContext, round_id: int) -> Iterator[None]:
+    """Re-raise any error, first marking the round failed unless the job will be retried."""
+    try:
+        yield
+    except _TRANSIENT:
+        if _last_attempt(ctx):
+            mark_failed(ctx, round_id)
+        raise
+    except Exception:
+        mark_failed(ctx, round_id)
+        raise
+
+
+def _enqueue_once(
+    ctx: JobContext, func_name: str, job_id: str, queue: str, project_id: int, **kwargs: Any
+) -> str:
+    """Enqueue the next stage; work already queued or done under that id is left alone."""
+    with ctx.database.session() as session:
+        try:
+            enqueue(
+                session,
+                ctx.settings,
+                func_name,
+                job_id=job_id,
+                queue=queue,
+                project_id=project_id,
+                **kwargs,
+            )
+        except DuplicateJobError:
+            session.rollback()
+    return job_id
+
+
+def _round(ctx: JobContext, round_id: int) -> tuple[int, int]:
+    with ctx.database.session() as session:
+        rnd = session.get(Round, round_id)
+        if rnd is None:
+            raise ValueError(f"round {round_id} does not exist")
+        return rnd.project_id, rnd.number
+
+
+def _skipped(round_id: int) -> dict[str, Any]:
+    return {"round_id": round_id, "skipped": "the round has already failed"}
+
+
+# ------------------------------------------------------------------------------------- stages
+
+
+def run_round(
+    ctx: JobContext,
+    *,
+    round_id: int,
+    detect: bool = True,
+    shards: int = 1,
+    train_options: dict[str, Any] | None = None,
+    detect_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The round's entry job: fix the pool the detect shards will share, enqueue training."""
+    if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
+        raise ValueError(f"shards must be a positive integer, got {shards!r}")
+    project_id, number = _round(ctx, round_id)
+    with failure_marks_round(ctx, round_id):
+        if not advance(ctx, round_id, RoundStatus.PENDING):
+            return _skipped(round_id)
+        with ctx.database.session() as session:
+            snapshot = int(
+                session.scalar(select(func.max(Image.id)).where(Image.project_id == project_id))
+                or 0
+            )
+        train_id = _enqueue_once(
+            ctx,
+            TRAIN_JOB,
+            train_job_id(project_id, number),
+            "gpu",
+            project_id,
+            round_id=round_id,
+            detect=bool(detect),
+            shards=shards,
+            max_image_id=snapshot,
+            train_options=dict(train_options or {}),
+            detect_options=dict(detect_options or {}),
+        )
+    return {"round": number, "max_image_id": snapshot, "next": [train_id]}
+
+
+def train_stage(
+    ctx: JobContext,
+    *,
+    round_id: int,
+    detect: bool,
+    shards: int,
+    max_image_id: int,
+    train_options: dict[str, Any],
+    detect_options: dict[str, Any],
+) -> dict[str, Any]:
+    """Train, then enqueue one detect job per shard (or finish the round if it does not detect)."""
+    from workers.train import train
+
+    project_id, number = _round(ctx, round_id)
+    with failure_marks_round(ctx, round_id):
+        if not advance(ctx, round_id, RoundStatus.TRAINING):
+            return _skipped(round_id)
+        result = train(ctx, round_id=round_id, **train_options)
+        if not detect:
+            advance(ctx, round_id, RoundStatus.READY)
+            return result
+        advance(ctx, round_id, RoundStatus.DETECTING)
+        result["next"] = [
+            _enqueue_once(
+                ctx,
+                DETECT_JOB,
+                detect_job_id(project_id, number, shard),
+                "gpu",
+                project_id,
+                round_id=round_id,
+                shard=shard,
+                shards=shards,
+                max_image_id=max_image_id,
+                detect_options=detect_options,
+            )
+            for shard in range(shards)
+        ]
+    return result
+
+
+def detect_stage(
+    ctx: JobContext,
+    *,
+    round_id: int,
+    shard: int,
+    shards: int,
+    max_image_id: int,
+    detect_options: dict[str, Any],
+) -> dict[str, Any]:
+    """Detect on one shard; the shard that completes the set enqueues the cluster stage.
+
+    Every shard writes its object before it looks at the others, so whichever finishes last sees
+    all of them; two shards finishing together may both enqueue, and the id keeps it to one job.
+    """
+    from workers.detect import detect, missing_shards
+
+    project_id, number = _round(ctx, round_id)
+    with failure_marks_round(ctx, round_id):
+        if not advance(ctx, round_id, RoundStatus.DETECTING):
+            return _skipped(round_id)
+        result = detect(
+            ctx,
+            round_id=round_id,
+            shard=shard,
+            n_shards=shards,
+            max_image_id=max_image_id,
+            **detect_options,
+        )
+        if not missing_shards(ctx.storage, project_id, number, shards):
+            result["next"] = [
+                _enqueue_once(
+                    ctx,
+                    CLUSTER_JOB,
+                    cluster_job_id(project_id, number),
+                    "cpu",
+                    project_id,
+                    round_id=round_id,
+                    shards=shards,
+                )
+            ]
+    return result
+
+
+def cluster_stage(ctx: JobContext, *, round_id: int, shards: int) -> dict[str, Any]:
+    """Merge the shards and build the round's trees (``build_trees`` marks the round ready)."""
+    from workers.detect import finish_round
+
+    with failure_marks_round(ctx, round_id):
+        if not advance(ctx, round_id, RoundStatus.CLUSTERING):
+            return _skipped(round_id)
+        return finish_round(ctx, round_id=round_id, n_shards=shards)
