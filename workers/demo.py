@@ -924,8 +924,9 @@ def _serve_forever(server: Server, api: Api, project_id: int) -> None:
     print(
         "\nThe server keeps running. Try the worker's page (a short qualification test first):\n"
         f"  {invite['url']}\n"
-        f"campaign {campaign['id']} offers whatever is still unverified "
-        f"(status: {campaign['status']}); requester dashboard: {server.url}/dashboard\n"
+        f"Campaign {campaign['id']} offers whatever is still unverified "
+        f"(status: {campaign['status']}). Requester dashboard: {server.url}/dashboard\n"
+        f"  with this demo's API key: {api.key}\n"
         "Press Ctrl-C to stop."
     )
     try:

@@ -54,7 +54,7 @@ from service.storage import Storage
 from workers import model as mm
 
 DEFAULT_STEPS = 200
-DEFAULT_BATCH_SIZE = 4
+DEFAULT_BATCH_SIZE = 2
 DEFAULT_LR = 0.02
 #: Later rounds start from a trained model: a smaller step keeps what it learnt.
 DEFAULT_LR_FINETUNE = 0.01
