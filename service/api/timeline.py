@@ -13,31 +13,21 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, jsonify, request
 from sqlalchemy import Float, cast, func, select
 from sqlalchemy.orm import Session
 
+from service.api.campaigns import owned_campaign
 from service.auth import require_api_key
 from service.db import get_session
-from service.errors import not_found, validation_error
-from service.models import Campaign, CampaignStatus, Cluster, ClusterState, Project, Tree
+from service.errors import validation_error
+from service.models import Campaign, CampaignStatus, Cluster, ClusterState, Tree
 
 bp = Blueprint("timeline", __name__, url_prefix="/api/v1/campaigns")
 
 DEFAULT_BUCKETS = 48
 MAX_BUCKETS = 500
 _LIVE = (CampaignStatus.RUNNING, CampaignStatus.PAUSED)
-
-
-def _owned_campaign(session: Session, campaign_id: int) -> Campaign:
-    campaign = session.scalar(
-        select(Campaign)
-        .join(Project, Project.id == Campaign.project_id)
-        .where(Campaign.id == campaign_id, Project.api_key_id == g.api_key.id)
-    )
-    if campaign is None:
-        raise not_found(f"campaign {campaign_id}")
-    return campaign
 
 
 def _epoch(session: Session, column: Any) -> Any:
@@ -127,4 +117,4 @@ def timeline(campaign_id: int):
     """Masks accepted and rejected over time (cumulative) since the campaign was created."""
     buckets = _buckets_arg()
     session = get_session()
-    return jsonify(campaign_timeline(session, _owned_campaign(session, campaign_id), buckets))
+    return jsonify(campaign_timeline(session, owned_campaign(campaign_id), buckets))

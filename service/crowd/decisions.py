@@ -82,7 +82,8 @@ _SPLITS = (ClusterState.SPLIT, ClusterState.AUTO_SPLIT)
 #: ``cluster id -> (yes delta, no delta, questions closed)``
 Counts = dict[int, tuple[int, int, int]]
 
-_COLUMNS = (
+#: The cluster columns every crowd module reads (the order ``ClusterRow`` expects).
+CLUSTER_COLUMNS = (
     _CL.c.id,
     _CL.c.tree_id,
     _CL.c.parent_id,
@@ -358,7 +359,7 @@ def discard_answers(session: Session, answer_ids: Sequence[int], reason: str) ->
 
 _SET_OPEN = update(_CL).where(_CL.c.id == bindparam("cid")).values(open_questions=bindparam("open"))
 _LOCK = (
-    select(*_COLUMNS)
+    select(*CLUSTER_COLUMNS)
     .where(_CL.c.id.in_(bindparam("ids", expanding=True)))
     .order_by(_CL.c.id)
     .with_for_update(of=_CL)
@@ -494,7 +495,7 @@ def _children(session: Session, parents: list[ClusterRow]) -> dict[int, list[Clu
 
 
 _CHILDREN = (
-    select(*_COLUMNS)
+    select(*CLUSTER_COLUMNS)
     .where(_CL.c.parent_id.in_(bindparam("ids", expanding=True)))
     .order_by(_CL.c.id)
     .with_for_update()

@@ -55,6 +55,7 @@ from service.crowd.hits import (
     Claim,
     SubmitResult,
     WorkerRow,
+    campaign_info,
     needs_refill,
     new_public_id,
     utcnow,
@@ -64,7 +65,6 @@ from service.engine.policy import PolicyParams
 from service.models import (
     AssignmentStatus,
     Backend,
-    CampaignStatus,
     ClusterState,
     QuestionKind,
     QuestionStatus,
@@ -353,20 +353,7 @@ def _policy(policy_json: str) -> PolicyParams:
 
 
 def _campaign(row: Sequence[Any]) -> CampaignInfo:
-    crowd, policy = _crowd(row[9]), _policy(row[10])
-    return CampaignInfo(
-        id=row[0],
-        project_id=row[1],
-        round_id=row[2],
-        backend=Backend(row[3]),
-        status=CampaignStatus(row[4]),
-        reward_micros=row[5],
-        questions_per_hit=row[6],
-        gold_per_hit=row[7],
-        assignments_per_hit=row[8],
-        crowd=crowd,
-        policy=policy,
-    )
+    return campaign_info(row, crowd=_crowd(row[9]), policy=_policy(row[10]))
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from sqlalchemy.orm import Session
 
 from service.crowd import CrowdError, CrowdParams, money
 from service.crowd.decisions import (
+    CLUSTER_COLUMNS,
     ClusterRow,
     QuestionVotes,
     Vote,
@@ -223,7 +224,11 @@ _CAMPAIGN_COLUMNS = (
 )
 
 
-def _campaign_info(row: Sequence) -> CampaignInfo:
+def campaign_info(
+    row: Sequence, crowd: CrowdParams | None = None, policy: PolicyParams | None = None
+) -> CampaignInfo:
+    """A campaign row (``_CAMPAIGN_COLUMNS`` order) as a :class:`CampaignInfo`; callers that cache
+    parsed params pass them instead of parsing the JSON columns again."""
     return CampaignInfo(
         id=row[0],
         project_id=row[1],
@@ -234,8 +239,8 @@ def _campaign_info(row: Sequence) -> CampaignInfo:
         questions_per_hit=row[6],
         gold_per_hit=row[7],
         assignments_per_hit=row[8],
-        crowd=CrowdParams.from_dict(row[9] or {}),
-        policy=PolicyParams.from_dict(row[10] or {}),
+        crowd=crowd if crowd is not None else CrowdParams.from_dict(row[9] or {}),
+        policy=policy if policy is not None else PolicyParams.from_dict(row[10] or {}),
     )
 
 
@@ -265,20 +270,20 @@ _LOCK_HIT = (
 def lock_hit(session: Session, hit_id: int) -> tuple[int, CampaignInfo]:
     """Lock a HIT row and read its ``max_assignments`` and its campaign, in one statement."""
     row = session.execute(_LOCK_HIT, {"hid": hit_id}).one()
-    return int(row[0]), _campaign_info(row[1:])
+    return int(row[0]), campaign_info(row[1:])
 
 
 def load_campaign(session: Session, campaign_id: int) -> CampaignInfo:
     row = session.execute(_LOAD_CAMPAIGN, {"cid": campaign_id}).first()
     if row is None:
         raise ValueError(f"campaign {campaign_id} does not exist")
-    return _campaign_info(row)
+    return campaign_info(row)
 
 
 def active_campaigns(session: Session, project_id: int, backend: Backend) -> list[CampaignInfo]:
     """The project's campaigns that may offer work to a worker of ``backend``, oldest first."""
     rows = session.execute(_ACTIVE_CAMPAIGNS, {"pid": project_id, "backend": backend.value}).all()
-    return [_campaign_info(r) for r in rows]
+    return [campaign_info(r) for r in rows]
 
 
 # -------------------------------------------------------------------------------- building
@@ -312,26 +317,11 @@ class _Plan:
     samples: list[_Sample] = field(default_factory=list)
 
 
-_CLUSTER_COLUMNS = (
-    _CL.c.id,
-    _CL.c.tree_id,
-    _CL.c.parent_id,
-    _CL.c.lo,
-    _CL.c.hi,
-    _CL.c.size,
-    _CL.c.score,
-    _CL.c.state,
-    _CL.c.yes_count,
-    _CL.c.no_count,
-    _CL.c.open_questions,
-)
-
-
 def _candidates(
     session: Session, campaign: CampaignInfo, limit: int, exclude: list[int]
 ) -> list[ClusterRow]:
     """The best candidates nobody else is building with (``SKIP LOCKED``), locked for us."""
-    query = select(*_CLUSTER_COLUMNS).where(
+    query = select(*CLUSTER_COLUMNS).where(
         _CL.c.project_id == campaign.project_id, _CL.c.state == ClusterState.CANDIDATE
     )
     if campaign.round_id is not None:
