@@ -95,6 +95,7 @@ class Options:
     pgbench_clients: int
     fsync: bool
     campaign_params: dict[str, Any]
+    statements: int
     as_json: bool
 
 
@@ -122,6 +123,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
         default=[],
         metavar="NAME=JSON",
         help="a campaign param, e.g. build_batch_hits=32 (repeatable; default: the service's)",
+    )
+    parser.add_argument(
+        "--statements",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also report the N statements PostgreSQL spent most time in (pg_stat_statements)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -156,6 +164,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         pgbench_clients=args.pgbench_clients,
         fsync=args.fsync,
         campaign_params=campaign_params,
+        statements=max(0, args.statements),
         as_json=args.json,
     )
 
@@ -782,6 +791,43 @@ def run_pgbench(server: Any, dbname: str, seconds: float, clients: int) -> dict[
 # ----------------------------------------------------------------------------------- report
 
 
+def reset_statements(database_url: str) -> None:
+    """Start pg_stat_statements' counts afresh (at the start of the measured window)."""
+    with _psycopg(database_url) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        conn.execute("SELECT pg_stat_statements_reset()")
+
+
+def top_statements(database_url: str, limit: int, cycles: int) -> list[dict[str, Any]]:
+    """The statements PostgreSQL spent most execution time in since the reset, per HIT cycle."""
+    with _psycopg(database_url) as conn:
+        rows = conn.execute(
+            "SELECT calls, total_exec_time, total_plan_time, rows, query"
+            " FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database"
+            " WHERE datname = current_database()) ORDER BY total_exec_time DESC LIMIT %s",
+            (limit,),
+        ).fetchall()
+    per = max(cycles, 1)
+    return [
+        {
+            "ms_per_cycle": round(total / per, 3),
+            "plan_ms_per_cycle": round(plan / per, 3),
+            "calls_per_cycle": round(calls / per, 3),
+            "rows_per_call": round(n / max(calls, 1), 1),
+            "query": " ".join(query.split())[:160],
+        }
+        for calls, total, plan, n, query in rows
+    ]
+
+
+def _psycopg(database_url: str):
+    import psycopg
+
+    return psycopg.connect(
+        database_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True
+    )
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (``q`` in [0, 100]) of a non-empty list."""
     ordered = sorted(values)
@@ -839,7 +885,8 @@ def main(argv: list[str] | None = None) -> int:
     from service.devservers import PostgresServer
 
     workdir = Path(tempfile.mkdtemp(prefix="maskmill-bench-"))
-    server = PostgresServer(fsync=options.fsync).start()
+    settings = {"shared_preload_libraries": "pg_stat_statements"} if options.statements else {}
+    server = PostgresServer(fsync=options.fsync, settings=settings).start()
     gunicorn: subprocess.Popen | None = None
     try:
         url = server.create_database("bench")
@@ -863,6 +910,8 @@ def main(argv: list[str] | None = None) -> int:
             return tree_cpu(roots), machine_busy()
 
         time.sleep(max(0.0, window[0] - time.monotonic()))
+        if options.statements:
+            reset_statements(url)
         cpu0, busy0 = sample()
         time.sleep(max(0.0, window[1] - time.monotonic()))
         cpu1, busy1 = sample()
@@ -873,6 +922,11 @@ def main(argv: list[str] | None = None) -> int:
         gunicorn = None
 
         result = summarize(load, window, {k: cpu1[k] - cpu0[k] for k in cpu1}, busy1 - busy0)
+        statements = (
+            top_statements(url, options.statements, result["cycles"])
+            if options.statements
+            else None
+        )
         checks = check_database(url, seeded.campaign_id, seeded.tree_id)
         pgbench = run_pgbench(server, "bench", options.pgbench_seconds, options.pgbench_clients)
         duplicates = {
@@ -914,6 +968,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             },
             "cpu_ms_per_cycle": result["cpu_ms_per_cycle"],
+            **({"postgres_statements": statements} if statements is not None else {}),
             "cpu_cores_used": result["cpu_cores_used"],
             "cpu_bound_cycles_per_s": result["cpu_bound_cycles_per_s"],
             "machine": {

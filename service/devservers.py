@@ -80,8 +80,15 @@ class _Server:
 class PostgresServer(_Server):
     """``initdb`` into a temp dir, then ``postgres`` on a free loopback port (trust auth)."""
 
-    def __init__(self, *, port: int | None = None, fsync: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        fsync: bool = False,
+        settings: dict[str, str] | None = None,
+    ) -> None:
         self.bindir = _postgres_bindir()
+        self.settings = dict(settings or {})
         self.port = port or free_port()
         self.directory = Path(tempfile.mkdtemp(prefix="maskmill-pg-"))
         self.user = "maskmill"
@@ -131,6 +138,8 @@ class PostgresServer(_Server):
             "-c",
             "full_page_writes=" + ("on" if self.fsync else "off"),
         ]
+        for name, value in self.settings.items():
+            options += ["-c", f"{name}={value}"]
         log = open(self.directory / "postgres.log", "wb")  # noqa: SIM115 - lives with the server
         self.process = subprocess.Popen(
             self._cmd([str(self.bindir / "postgres"), "-D", str(datadir), *options]),

@@ -11,7 +11,10 @@ import logging
 from typing import Any
 
 from flask import Flask, jsonify
+from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
+
+from service.db import get_database
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,21 @@ def install(app: Flask) -> None:
         valid_methods = getattr(exc, "valid_methods", None)
         if status == 405 and valid_methods:
             response.headers["Allow"] = ", ".join(sorted(valid_methods))
+        return response
+
+    @app.errorhandler(DBAPIError)
+    def _database_error(exc: DBAPIError):
+        if not exc.connection_invalidated:
+            return _unexpected(exc)
+        # The server dropped the connection (restart, failover). Pooled connections are tested
+        # only after sitting idle (service.db), so drop the pool's others too and ask the client
+        # to retry; the worker API retries by itself (service.api.work).
+        log.warning("database connection lost: %s", exc.orig)
+        get_database(app).engine.dispose()
+        response = error_response(
+            503, "database_unavailable", "the database connection was lost; retry the request"
+        )
+        response.headers["Retry-After"] = "1"
         return response
 
     @app.errorhandler(Exception)

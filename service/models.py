@@ -561,20 +561,20 @@ class Question(TimestampMixin, Base):
     status: Mapped[QuestionStatus] = mapped_column(
         _enum(QuestionStatus, "question_status"), default=QuestionStatus.OPEN
     )
-    hit_id: Mapped[int | None] = mapped_column(ForeignKey("hits.id", ondelete="CASCADE"))
+    #: No foreign keys on ``hit_id``, ``cluster_id`` and ``gold_item_id`` (migration 0002): HIT
+    #: builds insert hundreds of questions per statement, together with their HIT, about
+    #: clusters the transaction holds locked and gold items it has just read, and a per-row key
+    #: check (a read and a share lock of the parent, per row) cost as much as the insert itself.
+    #: HITs, clusters and gold items are never deleted on their own.
+    hit_id: Mapped[int | None] = mapped_column(Integer)
     position: Mapped[int] = mapped_column(Integer, default=0)
-    #: The sample's cluster. No foreign key: HIT builds insert hundreds of questions per
-    #: statement, all about clusters the same transaction holds locked, and a per-row key check
-    #: cost as much as the insert itself; a question goes with its HIT (``hit_id`` cascades),
-    #: and clusters are only ever deleted together with their project's campaigns.
+    #: The sample's cluster.
     cluster_id: Mapped[int | None] = mapped_column(Integer)
     #: The cluster's tree, denormalised so a question resolves to ``(tree, leaf_pos)`` without a
     #: join; not a foreign key either (the cluster's own key to its tree holds it).
     tree_id: Mapped[int | None] = mapped_column(Integer)
     leaf_pos: Mapped[int | None] = mapped_column(BigInteger)
-    gold_item_id: Mapped[int | None] = mapped_column(
-        ForeignKey("gold_items.id", ondelete="CASCADE")
-    )
+    gold_item_id: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         CheckConstraint(
@@ -597,17 +597,18 @@ class Answer(TimestampMixin, Base):
     """A worker's yes/no. Unique per (assignment, question): re-submitting cannot count twice.
 
     ``worker_id`` is the worker of the answer's assignment or qualification attempt, copied for
-    reading. ``assignment_id`` carries no foreign key: a HIT's answers are inserted by the
-    statement that holds its assignment locked, all with that one id (a per-row key check would
-    re-read the same row 55 times per HIT), and they go with their question, whose key cascades --
-    a HIT's questions and assignments are only ever deleted together. The two uniques are partial
+    reading. ``assignment_id`` and ``question_id`` carry no foreign key (migration 0002): a
+    HIT's answers are inserted by the statement that holds its assignment locked, all with that
+    one id, for questions the same transaction has just read from that assignment's HIT (a per-row
+    key check would re-read and share-lock 55 parent rows per HIT); HITs, their questions and
+    their assignments are never deleted. The two uniques are partial
     (an answer has exactly one parent), so a HIT answer enters one of them, not both.
     """
 
     __tablename__ = "answers"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    question_id: Mapped[int] = mapped_column(ForeignKey("questions.id", ondelete="CASCADE"))
+    question_id: Mapped[int] = mapped_column(Integer)
     assignment_id: Mapped[int | None] = mapped_column(Integer)
     qualification_attempt_id: Mapped[int | None] = mapped_column(
         ForeignKey("qualification_attempts.id", ondelete="CASCADE")

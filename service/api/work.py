@@ -74,6 +74,31 @@ def _retryable(exc: DBAPIError | psycopg.Error) -> bool:
     return getattr(error, "sqlstate", None) in _RETRYABLE
 
 
+def _disconnected(exc: DBAPIError | psycopg.Error) -> bool:
+    """The connection died under the request (server restart, failover, network): pooled
+    connections are only tested when they were idle (:mod:`service.db`), so the first statement
+    on a connection the server dropped a moment ago fails here, and the request is retried on a
+    fresh one."""
+    if isinstance(exc, DBAPIError):
+        return bool(exc.connection_invalidated)
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    # Class 08 (connection exception), 57P0x (server shutting down); none: the socket is gone.
+    sqlstate = exc.sqlstate or ""
+    return sqlstate == "" or sqlstate.startswith("08") or sqlstate.startswith("57P0")
+
+
+def _reset(session: Session, exc: DBAPIError | psycopg.Error) -> None:
+    """Roll back after a failed attempt. After a disconnect, drop the dead connection, and the
+    pool's other connections with it: whatever cut this one (a server restart, a failover) cut
+    those too, and the pool tests only idle ones."""
+    if _disconnected(exc):
+        session.invalidate()
+        session.get_bind().dispose()
+    else:
+        session.rollback()
+
+
 def in_transaction(work: Callable[[Session], T]) -> T:
     """Run ``work`` and commit; retry on deadlock / serialization failure; on a refusal, commit
     first if the refusal says its writes stand (``CrowdError.persist``)."""
@@ -90,8 +115,8 @@ def in_transaction(work: Callable[[Session], T]) -> T:
                 session.rollback()
             raise
         except (DBAPIError, psycopg.Error) as exc:
-            session.rollback()
-            if not _retryable(exc) or attempt == _ATTEMPTS - 1:
+            _reset(session, exc)
+            if not (_retryable(exc) or _disconnected(exc)) or attempt == _ATTEMPTS - 1:
                 raise
             log.info("retrying a worker request after %s", type(exc).__name__)
     raise AssertionError("unreachable")
@@ -197,7 +222,15 @@ def claim_assignment():
     token_hash = hash_secret(_token())
     session = get_session()
     if fastpath.available(session):
-        outcome = fastpath.claim(session, token_hash)
+        try:
+            outcome = fastpath.claim(session, token_hash)
+        except (DBAPIError, psycopg.Error) as exc:
+            # The claim is one autocommitted statement; after a dropped connection it is retried
+            # once (safe: a claim that did land is found again as the worker's open assignment).
+            if not _disconnected(exc):
+                raise
+            _reset(session, exc)
+            outcome = fastpath.claim(session, token_hash)
         if outcome.claim is not None:
             response = _claim_response(outcome.claim)
             if outcome.refill is not None:
