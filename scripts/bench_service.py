@@ -885,7 +885,14 @@ def main(argv: list[str] | None = None) -> int:
     from service.devservers import PostgresServer
 
     workdir = Path(tempfile.mkdtemp(prefix="maskmill-bench-"))
-    settings = {"shared_preload_libraries": "pg_stat_statements"} if options.statements else {}
+    settings = (
+        {
+            "shared_preload_libraries": "pg_stat_statements",
+            "pg_stat_statements.track_planning": "on",
+        }
+        if options.statements
+        else {}
+    )
     server = PostgresServer(fsync=options.fsync, settings=settings).start()
     gunicorn: subprocess.Popen | None = None
     try:

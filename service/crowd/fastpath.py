@@ -114,15 +114,22 @@ lapsed AS (
     ) AS found
 ),
 pick AS (
-    SELECT h.id, h.max_assignments, h.lease_seconds, h.payload, ok.id AS worker_id,
-        c.id AS campaign_id, c.params::text AS params
+    -- Only narrow columns here: the candidates are sorted before one is locked, and carrying
+    -- each one's payload (a few kB, compressed) through the sort cost more than the rest.
+    -- ``x.worker_id + 0``: probe a worker's past assignments through the (hit_id, worker_id)
+    -- unique index, never through the worker's index, whose entries grow by one per HIT the
+    -- worker does (a plan cached while the table was small picked that one and went linear).
+    SELECT h.id, h.lease_seconds, ok.id AS worker_id, c.id AS campaign_id,
+        c.params::text AS params
     FROM ok
     JOIN campaigns c ON c.project_id = ok.project_id AND c.backend = ok.backend
         AND c.status IN ('running', 'exhausted')
     JOIN hits h ON h.campaign_id = c.id AND h.status = 'open' AND h.max_assignments = 1
     WHERE NOT EXISTS (SELECT 1 FROM mine)
       AND NOT (SELECT found FROM lapsed)
-      AND NOT EXISTS (SELECT 1 FROM assignments x WHERE x.hit_id = h.id AND x.worker_id = ok.id)
+      AND NOT EXISTS (
+          SELECT 1 FROM assignments x WHERE x.hit_id = h.id AND x.worker_id + 0 = ok.id
+      )
     ORDER BY h.id
     LIMIT 1
     FOR UPDATE OF h SKIP LOCKED
@@ -147,7 +154,7 @@ SELECT w.id, w.project_id, w.backend, w.qualified, w.blocked, w.blocked_reason,
      FROM answers x JOIN questions q ON q.id = x.question_id
      WHERE x.assignment_id = mine.id),
     (SELECT lease_expires_at FROM taken),
-    (SELECT payload FROM pick),
+    (SELECT payload FROM hits WHERE id = (SELECT id FROM pick)),
     (SELECT campaign_id FROM pick),
     (SELECT params FROM pick),
     (SELECT count(*) FROM hits o, pick WHERE o.campaign_id = pick.campaign_id AND o.status = 'open')
