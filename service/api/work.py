@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 from pydantic import Field
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import DBAPIError
@@ -31,7 +31,6 @@ from sqlalchemy.orm import Session
 from service.api.validation import Body, accepts, parse
 from service.auth import hash_secret
 from service.crowd import CrowdError, fastpath
-from service.crowd.ahead import AheadBuilder
 from service.crowd.hits import Claim, WorkerRow, claim, record_answers, refill
 from service.crowd.qualification import grade_test, qualification_params, start_test
 from service.crowd.quality import finalize_assignment
@@ -43,8 +42,6 @@ bp = Blueprint("work", __name__, url_prefix="/api/v1/work")
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-_BUILDER_KEY = "maskmill.build_ahead"
 
 #: SQLSTATEs worth retrying: serialization_failure, deadlock_detected.
 _RETRYABLE = {"40001", "40P01"}
@@ -203,32 +200,20 @@ def _claim_response(served: Claim) -> Response:
     return Response(served.json_text(), mimetype="application/json")
 
 
-def _builder() -> AheadBuilder:
-    """The app's build-ahead thread (one per process, started on first use)."""
-    app = current_app._get_current_object()
-    builder = app.extensions.get(_BUILDER_KEY)
-    if builder is None:
-        database = get_database(app)
+def _refill_after(response: Response, campaign_id: int) -> None:
+    """Build the campaign's next batch of HITs once this response has been sent: the worker
+    does not wait for it, and the next claims find HITs instead of waiting for a build."""
+    database = get_database()
 
-        def build(campaign_id: int) -> None:
+    def build() -> None:
+        try:
             with database.session() as session:
                 refill(session, campaign_id)
                 session.commit()
+        except Exception:  # claims build on demand if this fails; never break the response
+            log.exception("building HITs ahead for campaign %s failed", campaign_id)
 
-        builder = app.extensions.setdefault(_BUILDER_KEY, AheadBuilder(build))
-    return builder
-
-
-def wait_for_builds(app: Flask, timeout: float = 30.0) -> bool:
-    """Wait until the app's build-ahead thread is idle (tests, graceful shutdowns)."""
-    builder = app.extensions.get(_BUILDER_KEY)
-    return builder is None or builder.wait_idle(timeout)
-
-
-def _build_ahead(campaign_id: int) -> None:
-    """Queue the campaign's next batch of HITs on the build-ahead thread: the worker does not
-    wait for it, and the next claims find HITs instead of waiting for a build."""
-    _builder().request(campaign_id)
+    response.call_on_close(build)
 
 
 @bp.post("/assignments")
@@ -247,9 +232,10 @@ def claim_assignment():
             _reset(session, exc)
             outcome = fastpath.claim(session, token_hash)
         if outcome.claim is not None:
+            response = _claim_response(outcome.claim)
             if outcome.refill is not None:
-                _build_ahead(outcome.refill)
-            return _claim_response(outcome.claim)
+                _refill_after(response, outcome.refill)
+            return response
         if outcome.worker is None:
             raise ApiError(401, "unauthorized", "the worker token is not valid")
     worker = current_worker()
