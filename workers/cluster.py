@@ -5,8 +5,17 @@ known, so they are the most realistic hidden gold); predictions on seed images a
 images are annotated already); the rest form the pool that is clustered.
 
 The session is closed while trees are built (long numeric work), and everything the job writes to the
-database lands in one transaction at the end, after the tree files are in storage: a retry after a
-crash starts clean (earlier rows of this round are replaced; tree files are overwritten atomically).
+database -- trees, cluster rows, gold items and the round's ``ready`` status -- lands in one
+transaction at the end, after the tree files are in storage. That makes the job idempotent:
+
+* a retry after a crash before the commit starts clean (nothing of the failed attempt is in the
+  database; tree files are overwritten atomically with the same content);
+* a retry after the commit (the worker died before the job was recorded finished, a reconciler
+  re-enqueued it, a late duplicate) finds the round ``ready`` and changes nothing. Rebuilding would
+  replace cluster rows the crowd may already be answering about, so it is never done;
+* gold items are inserted only if the project does not hold the same mask already (gold rows carry
+  no round, so a content key is what identifies them), so not even two racing attempts duplicate
+  gold. Gold is never deleted here: answered gold questions reference it.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 
 from service.coco import rle_for_pycocotools
 from service.engine.policy import PolicyParams
@@ -79,11 +88,44 @@ def tree_key(project_id: int, round_number: int, class_id: int) -> str:
     return f"projects/{project_id}/rounds/{round_number}/trees/class-{class_id}.npz"
 
 
+def built_summary(session: Any, round_id: int) -> dict[str, Any] | None:
+    """What an earlier, committed attempt of the round's cluster job wrote; None if none did.
+
+    The round turns ``ready`` in the transaction that writes its trees, so ``ready`` means the
+    rows are complete.
+    """
+    status = session.scalar(select(Round.status).where(Round.id == round_id))
+    if status is not RoundStatus.READY:
+        return None
+    trees, masks = session.execute(
+        select(func.count(), func.coalesce(func.sum(Tree.mask_count), 0)).where(
+            Tree.round_id == round_id
+        )
+    ).one()
+    clusters = session.scalar(
+        select(func.count())
+        .select_from(Cluster)
+        .join(Tree, Tree.id == Cluster.tree_id)
+        .where(Tree.round_id == round_id)
+    )
+    return {
+        "trees": int(trees),
+        "masks": int(masks),
+        "clusters": int(clusters or 0),
+        "gold_items": 0,
+        "skipped": "the round's trees were already built by an earlier attempt",
+    }
+
+
 def build_trees(ctx: JobContext, *, round_id: int, predictions_key: str) -> dict[str, Any]:
+    """Cluster the round's predictions into one tree per class and write its rows (idempotent)."""
     with ctx.database.session() as session:
         rnd = session.get(Round, round_id)
         if rnd is None:
             raise ValueError(f"round {round_id} does not exist")
+        done = built_summary(session, round_id)
+        if done is not None:
+            return done
         project_id = rnd.project_id
         project = session.get(Project, project_id)
         params = PolicyParams.from_dict(project.params)
@@ -149,18 +191,29 @@ def build_trees(ctx: JobContext, *, round_id: int, predictions_key: str) -> dict
         )
 
     ctx.progress(0.92, "writing cluster rows")
-    rows_written = _write_rows(ctx, project_id, round_id, params, built, gold_rows)
+    written = _write_rows(ctx, project_id, round_id, params, built, gold_rows)
+    if written is None:  # an attempt running alongside committed first
+        with ctx.database.session() as session:
+            return built_summary(session, round_id) or {}
+    clusters, gold = written
     return {
         "trees": len(built),
         "masks": int(sum(t.mask_count for t in built)),
-        "clusters": rows_written,
-        "gold_items": len(gold_rows),
+        "clusters": clusters,
+        "gold_items": gold,
     }
 
 
 def _build_class_tree(
-    ctx, predictions, indices, class_id, class_name, project_id, round_number, params
-):
+    ctx: JobContext,
+    predictions: list[dict[str, Any]],
+    indices: list[int],
+    class_id: int,
+    class_name: str,
+    project_id: int,
+    round_number: int,
+    params: PolicyParams,
+) -> ClassTree:
     items = [predictions[i] for i in indices]
     rles = [item["segmentation"] for item in items]
     scores = np.array([item["score"] for item in items], dtype=np.float64)
@@ -193,10 +246,27 @@ def _build_class_tree(
     return ClassTree(class_id, key, ctx.storage.uri(key), tree, len(items))
 
 
-def _write_rows(ctx, project_id, round_id, params, built, gold_rows) -> int:
+def _write_rows(
+    ctx: JobContext,
+    project_id: int,
+    round_id: int,
+    params: PolicyParams,
+    built: list[ClassTree],
+    gold_rows: list[dict[str, Any]],
+) -> tuple[int, int] | None:
+    """Trees, clusters, new gold and the ``ready`` status in one transaction.
+
+    Returns ``(cluster rows, gold rows)`` written, or None when another attempt of the same job
+    committed first (the round row is locked, then re-read, so two attempts cannot both write).
+    """
     total = 0
     with ctx.database.session() as session:
-        # A retry replaces what an earlier attempt of this round may have written.
+        status = session.scalar(select(Round.status).where(Round.id == round_id).with_for_update())
+        if status is RoundStatus.READY:
+            session.rollback()
+            return None
+        # Nothing committed can be here (rows and ``ready`` commit together); this clears what a
+        # job of an older version may have left.
         session.execute(delete(Tree).where(Tree.round_id == round_id))
         for item in built:
             tree_row = Tree(
@@ -209,11 +279,38 @@ def _write_rows(ctx, project_id, round_id, params, built, gold_rows) -> int:
             session.add(tree_row)
             session.flush()
             total += _insert_clusters(session, project_id, tree_row.id, item.tree, params)
-        if gold_rows:
-            session.execute(insert(GoldItem), gold_rows)
+        new_gold = _new_gold(session, project_id, gold_rows)
+        if new_gold:
+            session.execute(insert(GoldItem), new_gold)
         session.execute(update(Round).where(Round.id == round_id).values(status=RoundStatus.READY))
         session.commit()
-    return total
+    return total, len(new_gold)
+
+
+def _gold_identity(image_id: int, class_id: int, rle: dict[str, Any]) -> tuple[int, int, str]:
+    return image_id, class_id, json.dumps(rle, sort_keys=True, separators=(",", ":"))
+
+
+def _new_gold(session: Any, project_id: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The gold rows whose mask (image, class, RLE) the project does not hold yet."""
+    if not rows:
+        return []
+    image_ids = sorted({row["image_id"] for row in rows})
+    seen = {
+        _gold_identity(image_id, class_id, rle)
+        for image_id, class_id, rle in session.execute(
+            select(GoldItem.image_id, GoldItem.class_id, GoldItem.rle).where(
+                GoldItem.project_id == project_id, GoldItem.image_id.in_(image_ids)
+            )
+        )
+    }
+    fresh = []
+    for row in rows:
+        identity = _gold_identity(row["image_id"], row["class_id"], row["rle"])
+        if identity not in seen:
+            seen.add(identity)
+            fresh.append(row)
+    return fresh
 
 
 def _insert_clusters(session, project_id: int, tree_id: int, tree, params: PolicyParams) -> int:

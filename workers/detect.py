@@ -42,7 +42,7 @@ from service.models import GroundTruthMask, Image, Round, Split
 from service.render import open_image
 from service.storage import Storage
 from workers import model as mm
-from workers.cluster import build_trees
+from workers.cluster import build_trees, built_summary
 from workers.train import ImageRef, RoundInfo, load_round_model, round_info, round_prefix
 
 DEFAULT_BATCH_SIZE = 4
@@ -198,9 +198,16 @@ def drop_accepted_duplicates(
 
 
 def finish_round(ctx: JobContext, *, round_id: int, n_shards: int) -> dict[str, Any]:
-    """Merge the shards into the round's predictions file and build its cluster trees."""
+    """Merge the shards into the round's predictions file and build its cluster trees.
+
+    A round whose trees an earlier attempt already committed is left alone: its predictions file
+    is what those trees' leaf indices point into, so it is not rewritten either.
+    """
     with ctx.database.session() as session:
         info: RoundInfo = round_info(session, round_id)
+        done = built_summary(session, round_id)
+        if done is not None:
+            return done
         earlier = [
             m
             for m in accepted_masks(session, ctx.storage, info.project_id)

@@ -57,7 +57,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -898,8 +898,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     step: int,
     config: ModelConfig,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write model, optimizer state, step and config; atomically (a crash leaves the old file)."""
+    """Write model, optimizer state, step and config; atomically (a crash leaves the old file).
+
+    ``extra`` holds plain values (numbers, strings, lists, dicts) the writer needs back, e.g. how
+    a training run was initialised and its loss so far, so that a resumed or re-run job reports
+    what the interrupted one did instead of losing it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -908,6 +914,7 @@ def save_checkpoint(
         "step": int(step),
         "model": model.state_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "extra": dict(extra or {}),
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
@@ -923,6 +930,7 @@ class Checkpoint:
     config: ModelConfig
     step: int
     optimizer_state: dict[str, Any] | None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def make_optimizer(self, **kwargs: Any) -> torch.optim.Optimizer:
         """An optimizer for ``model`` restored to the saved state (learning rate included)."""
@@ -932,24 +940,80 @@ class Checkpoint:
         return optimizer
 
 
-def load_checkpoint(path: str | Path, *, device: torch.device | str | None = None) -> Checkpoint:
+_REQUIRED_KEYS = ("config", "step", "model")
+
+
+def _state_problem(expected: dict[str, torch.Tensor], state: Any) -> str | None:
+    """What keeps ``state`` from loading into a model whose state is ``expected``, in a line
+    (``load_state_dict`` would say it in a page), or None."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return "its 'model' entry is not a dictionary of tensors"
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = [
+        k for k in sorted(set(expected) & set(state)) if state[k].shape != expected[k].shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing, e.g. {missing[0]!r}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]!r}")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(
+            f"{len(reshaped)} of another shape, e.g. {k!r} is {list(state[k].shape)} "
+            f"where {list(expected[k].shape)} is needed"
+        )
+    return "; ".join(parts) or None
+
+
+def load_checkpoint(
+    path: str | Path, *, device: torch.device | str | None = None, name: str | None = None
+) -> Checkpoint:
     """Rebuild the model from a checkpoint written by :func:`save_checkpoint`.
 
-    Uses ``torch.load(weights_only=True)``: a checkpoint is data, it never runs code.
+    Uses ``torch.load(weights_only=True)``: a checkpoint is data, it never runs code. Checkpoints
+    may come from a requester, so every way a file can fail to be one ends in a ``ValueError``
+    that says which file and why, never in a pickling or tensor-shape error from deep in torch.
+    ``name`` is how errors call the file (default: its path; a job that downloaded it to a
+    temporary file names what the requester gave instead).
     """
     path = Path(path)
+    label = name if name is not None else str(path)
     if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+        raise ValueError(f"checkpoint {label} does not exist")
+    expected = f"a maskmill checkpoint ({CHECKPOINT_FORMAT}, as a training round writes it)"
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises pickle, zip and runtime errors for foreign files
+        raise ValueError(
+            f"{label} is not {expected}: torch.load cannot read it as plain data (it is damaged, "
+            "not a torch file, or holds pickled Python objects, which are never loaded; "
+            f"{type(exc).__name__})"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a maskmill checkpoint ({CHECKPOINT_FORMAT})")
-    config = ModelConfig.from_dict(payload["config"])
+        raise ValueError(f"{label} is not {expected}")
+    missing = [key for key in _REQUIRED_KEYS if key not in payload]
+    if missing or not isinstance(payload["config"], dict):
+        raise ValueError(f"{label} is a damaged maskmill checkpoint: missing or bad {missing}")
+    try:
+        config = ModelConfig.from_dict(payload["config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{label} has an invalid model configuration: {exc}") from exc
     model = build_model(config)
+    problem = _state_problem(model.state_dict(), payload["model"])
+    if problem:
+        raise ValueError(f"{label}: its weights do not fit its own configuration ({problem})")
     model.load_state_dict(payload["model"])
     model.to(default_device() if device is None else torch.device(device))
     model.eval()
+    extra = payload.get("extra")
     return Checkpoint(
-        model=model, config=config, step=int(payload["step"]), optimizer_state=payload["optimizer"]
+        model=model,
+        config=config,
+        step=int(payload["step"]),
+        optimizer_state=payload.get("optimizer"),
+        extra=dict(extra) if isinstance(extra, dict) else {},
     )
 
 

@@ -10,7 +10,9 @@ stage that is retried after it already enqueued the next one gets ``DuplicateJob
 ::
 
     round-p{pid}-r{n}        run_round      (cpu)  snapshot the pool, enqueue training
-    train-p{pid}-r{n}        train_stage    (gpu)  workers.train.train, then the detect shards
+    train-p{pid}-r{n}        train_stage    (gpu)  workers.train.train (use_checkpoint instead
+                                                   when the requester gave weights), then the
+                                                   detect shards
     detect-p{pid}-r{n}-s{k}  detect_stage   (gpu)  workers.detect.detect on shard k; the shard that
                                                    finds every shard written enqueues clustering
     cluster-p{pid}-r{n}      cluster_stage  (cpu)  workers.detect.finish_round → build_trees
@@ -19,7 +21,9 @@ stage that is retried after it already enqueued the next one gets ``DuplicateJob
 late retry of an earlier stage cannot move it back. A stage that fails for good (a non-transient
 error, or a transient one on its last attempt) marks the round ``failed``; its error stays on its job
 row, where ``GET /api/v1/projects/{pid}/rounds`` and ``GET /api/v1/jobs/{id}`` report it. Stages of a
-round that already failed do nothing.
+round that already failed do nothing; a late retry of the cluster stage of a round that is ready
+changes nothing either (:func:`workers.cluster.build_trees` refuses to replace cluster rows the
+crowd may be answering about).
 
 This module imports no torch at import time: the web service imports it when it enqueues
 ``workers.rounds.run_round`` by name (``service.jobs.resolve`` checks the function exists).
@@ -34,8 +38,16 @@ from typing import Any
 from sqlalchemy import func, select, update
 
 from service.api.rounds import cluster_job_id, detect_job_id, train_job_id
-from service.jobs import _TRANSIENT, DuplicateJobError, JobContext, enqueue
-from service.models import Image, Job, Round, RoundStatus
+from service.jobs import (
+    _TRANSIENT,
+    DuplicateJobError,
+    InProcessRunner,
+    JobContext,
+    dispatcher_for,
+    enqueue,
+)
+from service.models import Image, Job, JobStatus, Round, RoundStatus
+from service.settings import Settings
 
 #: Statuses in pipeline order; a stage only ever moves a round forward along it.
 ORDER = (
@@ -108,7 +120,13 @@ def failure_marks_round(ctx: JobContext, round_id: int) -> Iterator[None]:
 def _enqueue_once(
     ctx: JobContext, func_name: str, job_id: str, queue: str, project_id: int, **kwargs: Any
 ) -> str:
-    """Enqueue the next stage; work already queued or done under that id is left alone."""
+    """Enqueue the next stage; work already queued or done under that id is left alone.
+
+    Except work that was recorded but never handed to the transport: :func:`enqueue` commits
+    the job's row before it dispatches, so an attempt that died in between leaves a ``queued``
+    row that nothing will run, and a retry that took the duplicate for "already on its way"
+    would leave the round stuck. Such a job is dispatched again.
+    """
     with ctx.database.session() as session:
         try:
             enqueue(
@@ -122,7 +140,27 @@ def _enqueue_once(
             )
         except DuplicateJobError:
             session.rollback()
+            existing = session.get(Job, job_id)
+            if existing is not None and existing.status is JobStatus.QUEUED:
+                _dispatch_if_lost(ctx.settings, existing)
     return job_id
+
+
+def _dispatch_if_lost(settings: Settings, job: Job) -> None:
+    """Dispatch a ``queued`` job the transport does not hold (what :func:`service.jobs.reconcile`
+    does for a whole database, for one job)."""
+    dispatcher = dispatcher_for(settings)
+    if isinstance(dispatcher, InProcessRunner):
+        if job.id not in dispatcher.futures:
+            dispatcher.dispatch(job)
+        return
+    from rq.job import Job as RQJob
+
+    try:
+        if not RQJob.exists(job.id, connection=dispatcher.connection):
+            dispatcher.dispatch(job)
+    finally:
+        dispatcher.shutdown()
 
 
 def _round(ctx: JobContext, round_id: int) -> tuple[int, int]:
@@ -148,10 +186,18 @@ def run_round(
     shards: int = 1,
     train_options: dict[str, Any] | None = None,
     detect_options: dict[str, Any] | None = None,
+    checkpoint: str | None = None,
 ) -> dict[str, Any]:
-    """The round's entry job: fix the pool the detect shards will share, enqueue training."""
+    """The round's entry job: fix the pool the detect shards will share, enqueue training
+    (or, with ``checkpoint``, the adoption of a requester's weights in its place)."""
     if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
         raise ValueError(f"shards must be a positive integer, got {shards!r}")
+    if checkpoint is not None and (not isinstance(checkpoint, str) or not checkpoint):
+        raise ValueError(f"checkpoint must be a non-empty URI or None, got {checkpoint!r}")
+    if checkpoint is not None and train_options:
+        unused = sorted(set(train_options) - {"seed"})
+        if unused:
+            raise ValueError(f"training options {unused} cannot be used with a checkpoint")
     project_id, number = _round(ctx, round_id)
     with failure_marks_round(ctx, round_id):
         if not advance(ctx, round_id, RoundStatus.PENDING):
@@ -173,6 +219,7 @@ def run_round(
             max_image_id=snapshot,
             train_options=dict(train_options or {}),
             detect_options=dict(detect_options or {}),
+            **({"checkpoint": checkpoint} if checkpoint is not None else {}),
         )
     return {"round": number, "max_image_id": snapshot, "next": [train_id]}
 
@@ -186,15 +233,20 @@ def train_stage(
     max_image_id: int,
     train_options: dict[str, Any],
     detect_options: dict[str, Any],
+    checkpoint: str | None = None,
 ) -> dict[str, Any]:
-    """Train, then enqueue one detect job per shard (or finish the round if it does not detect)."""
-    from workers.train import train
+    """Train (or adopt the requester's ``checkpoint``), then enqueue one detect job per shard
+    (or finish the round if it does not detect)."""
+    from workers.train import train, use_checkpoint
 
     project_id, number = _round(ctx, round_id)
     with failure_marks_round(ctx, round_id):
         if not advance(ctx, round_id, RoundStatus.TRAINING):
             return _skipped(round_id)
-        result = train(ctx, round_id=round_id, **train_options)
+        if checkpoint is not None:
+            result = use_checkpoint(ctx, round_id=round_id, checkpoint=checkpoint)
+        else:
+            result = train(ctx, round_id=round_id, **train_options)
         if not detect:
             advance(ctx, round_id, RoundStatus.READY)
             return result

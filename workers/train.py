@@ -10,11 +10,17 @@ are painted over (:func:`unverified_regions`) so that its unannotated objects ar
 background.
 
 Resumable: every ``checkpoint_every`` steps the model, the optimizer and the step go to storage
-(``projects/{pid}/rounds/{n}/train/resume.pt``); a retried job (a crashed worker, a preempted GPU)
-downloads it and continues at that step with the very batches the interrupted run would have seen
-next (the batch order is a pure function of ``(seed, step)``). The final weights go to
-``projects/{pid}/rounds/{n}/model.pt`` (no optimizer state: half the size) and to
-``Round.checkpoint_uri``; once they exist a retry only re-evaluates.
+(``projects/{pid}/rounds/{n}/train/resume.pt``), with what the run started from, its warm-up
+length and its losses so far; a retried job (a crashed worker, a preempted GPU) downloads it and
+continues at that step with the very batches and learning rates the interrupted run would have
+used next (the batch order is a pure function of ``(seed, step)``) and reports the whole run's
+loss. An unreadable resume file is discarded (and reported) rather than failing every retry. The
+final weights go to ``projects/{pid}/rounds/{n}/model.pt`` (no optimizer state: half the size),
+with the run's summary, and to ``Round.checkpoint_uri``; once they exist a retry only
+re-evaluates, and reports the stored summary.
+
+A requester's own weights (``checkpoint`` of ``POST .../rounds``) replace training:
+:func:`use_checkpoint` checks them and re-saves them as the round's ``model.pt``.
 
 Round 1 starts from scratch (nothing is downloaded, ever); later rounds start from the latest
 earlier round's weights with a fresh optimizer, half the learning rate and a short warm-up, which is
@@ -33,7 +39,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +55,8 @@ from service.engine.treefile import read_tree_file
 from service.export import AcceptedMask, accepted_masks, one_mask_per_object
 from service.jobs import JobContext
 from service.models import GroundTruthMask, Image, Project, Round, Split, Tree
-from service.render import open_image
-from service.storage import Storage
+from service.render import _path_under_image_root, open_image
+from service.storage import Storage, StorageError
 from workers import model as mm
 
 DEFAULT_STEPS = 200
@@ -300,22 +306,42 @@ class TrainingData:
     painted_images: int = 0
 
 
+def _ground_truth(session: Any, project_id: int) -> list[Any]:
+    """``(image_id, class_id, split, rle)`` of every ground-truth mask, in upload order."""
+    return session.execute(
+        select(
+            GroundTruthMask.image_id,
+            GroundTruthMask.class_id,
+            GroundTruthMask.split,
+            GroundTruthMask.rle,
+        )
+        .where(GroundTruthMask.project_id == project_id)
+        .order_by(GroundTruthMask.id)
+    ).all()
+
+
+def write_heldout_set(ctx: JobContext, info: RoundInfo, workdir: Path) -> CocoSet | None:
+    """The held-out ground truth alone (``workdir/heldout.json`` + images), None if there is none:
+    what evaluating a model needs when there is nothing to train."""
+    with ctx.database.session() as session:
+        heldout = [
+            (i, c, r)
+            for i, c, split, r in _ground_truth(session, info.project_id)
+            if split is Split.HELDOUT
+        ]
+        refs = image_refs(session, sorted({m[0] for m in heldout}))
+    if not heldout:
+        return None
+    return write_coco_set(workdir / "heldout.json", workdir / "images", refs, heldout, info, ctx)
+
+
 def gather_training_data(
     ctx: JobContext, info: RoundInfo, workdir: Path, *, paint: bool = True
 ) -> TrainingData:
     """Seed masks + earlier rounds' accepted masks (one per object) + the held-out set; with
     ``paint``, unverified detections on accepted-mask images are painted over."""
     with ctx.database.session() as session:
-        truths = session.execute(
-            select(
-                GroundTruthMask.image_id,
-                GroundTruthMask.class_id,
-                GroundTruthMask.split,
-                GroundTruthMask.rle,
-            )
-            .where(GroundTruthMask.project_id == info.project_id)
-            .order_by(GroundTruthMask.id)
-        ).all()
+        truths = _ground_truth(session, info.project_id)
         accepted = [
             m
             for m in accepted_masks(session, ctx.storage, info.project_id)
@@ -441,15 +467,52 @@ def _previous_checkpoint(session: Any, info: RoundInfo) -> tuple[int, str] | Non
     return (int(row[0]), str(row[1])) if row else None
 
 
-def _validate(steps: int, batch_size: int, lr: float | None, checkpoint_every: int) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
-    if lr is not None and not (isinstance(lr, int | float) and math.isfinite(lr) and 0 < lr <= 1):
+def _is_count(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _validate(
+    steps: Any,
+    batch_size: Any,
+    lr: Any,
+    checkpoint_every: Any,
+    warmup_steps: Any = None,
+    seed: Any = 0,
+    eval_batch_size: Any = 4,
+) -> None:
+    """Refuse bad options before any work, naming the option (they may come from a job's
+    stored arguments, not only from the validated API body)."""
+    for name, value, minimum in (
+        ("steps", steps, 1),
+        ("batch_size", batch_size, 1),
+        ("checkpoint_every", checkpoint_every, 1),
+        ("seed", seed, 0),
+        ("eval_batch_size", eval_batch_size, 1),
+    ):
+        if not _is_count(value, minimum):
+            kind = "a positive integer" if minimum else "a non-negative integer"
+            raise ValueError(f"{name} must be {kind}, got {value!r}")
+    if warmup_steps is not None and not _is_count(warmup_steps, 0):
+        raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
+    is_number = isinstance(lr, int | float) and not isinstance(lr, bool)
+    if lr is not None and not (is_number and math.isfinite(lr) and 0 < lr <= 1):
         raise ValueError(f"lr must be a number in (0, 1], got {lr!r}")
+
+
+def _record_checkpoint(ctx: JobContext, round_id: int, uri: str) -> None:
+    with ctx.database.session() as session:
+        session.execute(update(Round).where(Round.id == round_id).values(checkpoint_uri=uri))
+        session.commit()
+
+
+def _evaluate(
+    ctx: JobContext, net: mm.MaskScoringRCNN, heldout: CocoSet | None, images_dir: Path, batch: int
+) -> dict[str, Any]:
+    if heldout is None:
+        return {"ap": None}
+    ctx.progress(0.9, "evaluating mask AP on the held-out set")
+    ap = mm.evaluate_mask_ap(net, heldout.path, images_dir, batch_size=batch)
+    return {"ap": round(ap, 4), "heldout_images": heldout.images}
 
 
 def train(
@@ -466,8 +529,12 @@ def train(
     eval_batch_size: int = 4,
     paint_unverified: bool = True,
 ) -> dict[str, Any]:
-    """Train the round's model; store its checkpoint; report loss and held-out mask AP."""
-    _validate(steps, batch_size, lr, checkpoint_every)
+    """Train the round's model; store its checkpoint; report loss and held-out mask AP.
+
+    The summary of the run (how it was initialised, learning rate, loss) is stored inside the
+    final checkpoint, so a retry that finds the weights stored reports the same numbers.
+    """
+    _validate(steps, batch_size, lr, checkpoint_every, warmup_steps, seed, eval_batch_size)
     started = time.perf_counter()
     with ctx.database.session() as session:
         info = round_info(session, round_id)
@@ -492,12 +559,13 @@ def train(
         if storage.exists(final_key):
             # A retry after the weights were stored: nothing left to train.
             checkpoint = mm.load_checkpoint(
-                download_checkpoint(storage, final_key, workdir), device=device
+                download_checkpoint(storage, final_key, workdir), device=device, name=final_key
             )
-            result.update(init="stored", resumed_from_step=checkpoint.step)
+            result.update({"init": "stored", **checkpoint.extra})
+            result["reused_stored_weights"] = True
             net = checkpoint.model
         else:
-            net, history, init, resumed_from, lr_used = _train_loop(
+            run = _train_loop(
                 ctx,
                 info,
                 data,
@@ -512,35 +580,70 @@ def train(
                 seed=seed,
                 overrides=model,
             )
-            result.update(init=init, resumed_from_step=resumed_from, lr=lr_used)
-            if history:
-                # Means over the first and the last few steps: single steps are too noisy.
-                window = min(len(history), 2 * REPORT_EVERY)
-                result["loss_first"] = round(
-                    statistics.fmean(h["loss"] for h in history[:window]), 4
-                )
-                result["loss"] = round(statistics.fmean(h["loss"] for h in history[-window:]), 4)
-            path = mm.save_checkpoint(workdir / "model.pt", net, None, steps, net.config)
+            summary = run.summary()
+            result.update(summary)
+            net = run.net
+            path = mm.save_checkpoint(
+                workdir / "model.pt", net, None, steps, net.config, extra=summary
+            )
             upload_checkpoint(storage, final_key, path)
         uri = storage.uri(final_key)
-        with ctx.database.session() as session:
-            session.execute(update(Round).where(Round.id == round_id).values(checkpoint_uri=uri))
-            session.commit()
+        _record_checkpoint(ctx, round_id, uri)
+        # Only now: until the round points at the final weights, the resume state is the work.
         storage.delete(resume)
         result["checkpoint_uri"] = uri
-        result["ap"] = None
-        if data.heldout is not None:
-            ctx.progress(0.9, "evaluating mask AP on the held-out set")
-            result["ap"] = round(
-                mm.evaluate_mask_ap(
-                    net, data.heldout.path, data.images_dir, batch_size=eval_batch_size
-                ),
-                4,
-            )
-            result["heldout_images"] = data.heldout.images
+        result.update(_evaluate(ctx, net, data.heldout, data.images_dir, eval_batch_size))
     result["seconds"] = round(time.perf_counter() - started, 1)
     ctx.progress(0.99, "trained", ap=result["ap"], loss=result.get("loss"))
     return result
+
+
+@dataclass
+class TrainRun:
+    """A finished training loop and what the round reports about it."""
+
+    net: mm.MaskScoringRCNN
+    losses: list[float]
+    init: str
+    resumed_from: int | None
+    lr: float
+    warmup_steps: int
+    resume_discarded: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "init": self.init,
+            "resumed_from_step": self.resumed_from,
+            "lr": self.lr,
+            "warmup_steps": self.warmup_steps,
+        }
+        if self.losses:
+            # Means over the first and the last few steps: single steps are too noisy.
+            window = min(len(self.losses), 2 * REPORT_EVERY)
+            out["loss_first"] = round(statistics.fmean(self.losses[:window]), 4)
+            out["loss"] = round(statistics.fmean(self.losses[-window:]), 4)
+        if self.resume_discarded:
+            out["resume_discarded"] = self.resume_discarded
+        return out
+
+
+def _load_resume(
+    ctx: JobContext, key: str, workdir: Path, device: torch.device
+) -> tuple[mm.Checkpoint | None, str | None]:
+    """The interrupted run's state, or why it had to be discarded.
+
+    An unreadable resume file (written by an incompatible version, damaged on disk) would fail
+    every retry the same way; starting over is the only way forward, and it is reported.
+    """
+    if not ctx.storage.exists(key):
+        return None, None
+    try:
+        path = download_checkpoint(ctx.storage, key, workdir)
+        return mm.load_checkpoint(path, device=device, name=key), None
+    except ValueError as exc:
+        ctx.storage.delete(key)
+        ctx.progress(0.05, f"discarded an unreadable resume checkpoint: {exc}")
+        return None, str(exc)
 
 
 def _train_loop(
@@ -558,18 +661,22 @@ def _train_loop(
     warmup_steps: int | None,
     seed: int,
     overrides: dict[str, Any] | None,
-) -> tuple[mm.MaskScoringRCNN, list[dict[str, float]], str, int | None, float]:
+) -> TrainRun:
     storage = ctx.storage
     resume = resume_key(info.project_id, info.number)
     resumed_from: int | None = None
-    if storage.exists(resume):
-        checkpoint = mm.load_checkpoint(
-            download_checkpoint(storage, resume, workdir), device=device
-        )
+    losses: list[float] = []
+    checkpoint, discarded = _load_resume(ctx, resume, workdir, device)
+    if checkpoint is not None:
         net, start = checkpoint.model, checkpoint.step
         optimizer = checkpoint.make_optimizer()  # the saved state holds the learning rate
-        init = "resumed"
         resumed_from = start
+        # What the interrupted run started from, its warm-up and its losses so far: without
+        # them a resumed run would report a partial loss curve and warm up on another schedule.
+        init = str(checkpoint.extra.get("init", "resumed"))
+        if warmup_steps is None and "warmup_steps" in checkpoint.extra:
+            warmup_steps = int(checkpoint.extra["warmup_steps"])
+        losses = [float(v) for v in checkpoint.extra.get("losses", [])][:start]
     else:
         start = 0
         if previous is not None:
@@ -592,7 +699,6 @@ def _train_loop(
         warmup_steps = DEFAULT_WARMUP_SCRATCH if init == "scratch" else DEFAULT_WARMUP_FINETUNE
         warmup_steps = min(warmup_steps, max(1, steps // 4))
     dataset = mm.CocoInstanceDataset(data.train.path, data.images_dir, category_ids=info.class_ids)
-    history: list[dict[str, float]] = []
     step = start
     # Torch's own randomness (proposal sampling) depends on where the run (re)starts, so a resumed
     # run is reproducible too, though not bit-identical to an uninterrupted one.
@@ -603,7 +709,7 @@ def _train_loop(
         chunk = mm.train_steps(
             net, batches, optimizer, n, start_step=step, warmup_steps=warmup_steps
         )
-        history += chunk
+        losses += [h["loss"] for h in chunk]
         step += n
         ctx.progress(
             0.05 + 0.8 * step / steps,
@@ -613,8 +719,129 @@ def _train_loop(
             loss=round(statistics.fmean(h["loss"] for h in chunk), 4),
         )
         if step % checkpoint_every == 0 and step < steps:
-            path = mm.save_checkpoint(workdir / "resume.pt", net, optimizer, step, net.config)
+            state = {"init": init, "warmup_steps": warmup_steps, "losses": losses}
+            path = mm.save_checkpoint(
+                workdir / "resume.pt", net, optimizer, step, net.config, extra=state
+            )
             upload_checkpoint(storage, resume, path)
     net.eval()
     group = optimizer.param_groups[0]
-    return net, history, init, resumed_from, float(group.get("base_lr", group["lr"]))
+    return TrainRun(
+        net=net,
+        losses=losses,
+        init=init,
+        resumed_from=resumed_from,
+        lr=float(group.get("base_lr", group["lr"])),
+        warmup_steps=warmup_steps,
+        resume_discarded=discarded,
+    )
+
+
+# ------------------------------------------------------------------------ a requester's weights
+
+
+def fetch_checkpoint(ctx: JobContext, uri: str, project_id: int, directory: Path) -> Path:
+    """A requester's checkpoint as a local file, from the two places ``POST .../rounds`` accepts.
+
+    An object of the project in storage is downloaded; a file under the image root is read in
+    place. The job's arguments are checked again here, as :func:`service.render.open_image`
+    checks image URIs: whatever the database says, nothing outside those two places is read.
+    """
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"checkpoint must be a non-empty URI, got {uri!r}")
+    try:
+        key = ctx.storage.key_from_uri(uri)
+    except StorageError:
+        key = None
+    if key is not None:
+        if not key.startswith(f"projects/{project_id}/"):
+            raise ValueError(f"checkpoint {uri!r} is not an object of project {project_id}")
+        try:
+            return download_checkpoint(ctx.storage, key, directory)
+        except StorageError as exc:
+            raise ValueError(f"checkpoint {uri!r} cannot be read from storage: {exc}") from None
+    path = _path_under_image_root(uri, ctx.settings.image_root)
+    if path is None:
+        raise ValueError(
+            f"checkpoint {uri!r} is neither in storage nor under the image root; refusing to read it"
+        )
+    if not path.is_file():
+        raise ValueError(f"checkpoint {uri!r} does not exist (any more)")
+    return path
+
+
+def adapt_to_project(
+    config: mm.ModelConfig, info: RoundInfo, name: str
+) -> tuple[mm.ModelConfig, dict[str, int]]:
+    """The checkpoint's configuration with the project's class ids, and how labels were mapped.
+
+    Weights trained elsewhere carry their own category ids (COCO's 1..K, another project's ids).
+    Label ``k`` of the checkpoint is taken as the project's ``k``-th class, in the order the
+    project declared its classes; only the number of classes must agree. The mapping is
+    reported (``{checkpoint id: project class id}``) so a requester can see what was assumed.
+    """
+    if config.num_classes != len(info.class_ids):
+        raise ValueError(
+            f"checkpoint {name!r} detects {config.num_classes} classes but the project has "
+            f"{len(info.class_ids)} ({', '.join(info.class_names)}); its labels are taken as the "
+            "project's classes in declaration order, so the counts must agree"
+        )
+    ids = tuple(config.category_ids or ())
+    if ids == info.class_ids:
+        return config, {}
+    mapping = {str(old): new for old, new in zip(ids, info.class_ids, strict=True)}
+    return replace(config, category_ids=info.class_ids), mapping
+
+
+def use_checkpoint(
+    ctx: JobContext, *, round_id: int, checkpoint: str, eval_batch_size: int = 4
+) -> dict[str, Any]:
+    """Make a requester's weights the round's model instead of training (``checkpoint`` of
+    ``POST .../rounds``); report their mask AP on the held-out set.
+
+    The weights are checked (a maskmill checkpoint whose classes fit the project) and re-saved
+    as the round's own ``model.pt``: later rounds fine-tune from it, and the round keeps working
+    if the requester's file changes or disappears. A retry after that finds it stored.
+    """
+    if not _is_count(eval_batch_size, 1):
+        raise ValueError(f"eval_batch_size must be a positive integer, got {eval_batch_size!r}")
+    started = time.perf_counter()
+    with ctx.database.session() as session:
+        info = round_info(session, round_id)
+    device = mm.default_device()
+    storage = ctx.storage
+    final_key = model_key(info.project_id, info.number)
+    ctx.progress(0.01, "loading the given checkpoint")
+    result: dict[str, Any] = {"round": info.number, "steps": 0, "device": device.type}
+    with tempfile.TemporaryDirectory(prefix="maskmill-checkpoint-") as tmp:
+        workdir = Path(tmp)
+        if storage.exists(final_key):
+            stored = mm.load_checkpoint(
+                download_checkpoint(storage, final_key, workdir), device=device, name=final_key
+            )
+            result.update(stored.extra)
+            result["reused_stored_weights"] = True
+            net = stored.model
+        else:
+            source = fetch_checkpoint(ctx, checkpoint, info.project_id, workdir)
+            loaded = mm.load_checkpoint(source, device=device, name=repr(checkpoint))
+            config, class_map = adapt_to_project(loaded.config, info, checkpoint)
+            net = loaded.model
+            net.config = config
+            summary: dict[str, Any] = {"init": "checkpoint", "checkpoint": checkpoint}
+            if class_map:
+                summary["class_map"] = class_map
+            path = mm.save_checkpoint(
+                workdir / "model.pt", net, None, loaded.step, config, extra=summary
+            )
+            upload_checkpoint(storage, final_key, path)
+            result.update(summary)
+        uri = storage.uri(final_key)
+        _record_checkpoint(ctx, round_id, uri)
+        result["checkpoint_uri"] = uri
+        ctx.progress(0.5, "writing the held-out set")
+        heldout = write_heldout_set(ctx, info, workdir)
+        result.update(_evaluate(ctx, net, heldout, workdir / "images", eval_batch_size))
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    ctx.progress(0.99, "checkpoint ready", ap=result["ap"])
+    return result

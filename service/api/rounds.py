@@ -8,26 +8,35 @@ whole pipeline, and ``GET .../rounds`` lists every stage's job with its progress
 
 One round at a time per project: a second ``POST`` while a round is pending, training, detecting or
 clustering is a 409 (the next round must train on what this one produces).
+
+``checkpoint`` replaces training with the requester's own weights: an object of the project in
+storage (a key such as ``projects/{pid}/rounds/1/model.pt``, or its URI) or a file under the
+configured image root (a path, relative to the root or absolute, or a ``file://`` URI: the rule
+image URIs follow, :func:`service.api.images.resolve_image_uri`). The service checks only that it
+exists (it never imports torch); the train stage loads it and fails the round with a clear error
+if it is not a usable checkpoint.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Literal
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, current_app, jsonify
 from pydantic import Field, field_validator
 from sqlalchemy import exists, func, select
 from sqlalchemy.exc import IntegrityError
 
+from service.api.images import resolve_image_uri
 from service.api.predictions import next_round_number
 from service.api.projects import owned_project
 from service.api.validation import Body, accepts, parse
 from service.app import get_settings
 from service.auth import require_api_key
 from service.db import get_session
-from service.errors import conflict, not_found, validation_error
+from service.errors import ApiError, conflict, not_found, validation_error
 from service.jobs import DuplicateJobError, enqueue
 from service.models import (
     Cluster,
@@ -42,6 +51,8 @@ from service.models import (
     Split,
     Tree,
 )
+from service.settings import Settings
+from service.storage import Storage, StorageError, validate_key
 
 bp = Blueprint("rounds", __name__, url_prefix="/api/v1/projects")
 
@@ -64,7 +75,13 @@ TRAINING_KEYS = (
     "seed_masks",
     "accepted_masks",
     "seconds",
+    "resumed_from_step",
+    "resume_discarded",
+    "checkpoint",
+    "class_map",
 )
+#: Body fields that only matter when the round trains (refused together with ``checkpoint``).
+TRAINING_FIELDS = ("steps", "batch_size", "learning_rate", "checkpoint_every", "seed", "model")
 
 
 def round_job_id(project_id: int, number: int) -> str:
@@ -142,6 +159,13 @@ class RoundCreate(Body):
     checkpoint_every: int | None = Field(default=None, ge=1, le=1_000_000)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     model: ModelOptions = Field(default_factory=ModelOptions)
+    checkpoint: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4000,
+        description="Detect with these weights instead of training: a storage key (or URI) of "
+        "this project's objects, or a path under the image root. Excludes training options.",
+    )
 
 
 def _train_options(body: RoundCreate) -> dict[str, Any]:
@@ -162,6 +186,54 @@ def _train_options(body: RoundCreate) -> dict[str, Any]:
             raise validation_error("model.max_size must be >= model.min_size")
         options["model"] = model
     return options
+
+
+def resolve_checkpoint(value: str, project_id: int, settings: Settings, storage: Storage) -> str:
+    """The URI of a requester's checkpoint, after checking that it exists where it may be read.
+
+    Storage holds every project's objects, so a key must lie under this project's prefix (a
+    requester sees only its own projects; other projects' keys are refused before their existence
+    is looked at); the image root is the operator's shared folder, read under the rule image URIs
+    follow. A path under the image root that leads into a local storage root counts as storage.
+    Nothing is opened: the service never imports torch, the worker judges the content.
+    """
+    prefix = f"projects/{project_id}/"
+    refused = validation_error(
+        f"checkpoint: {value!r} is neither an object of this project in storage (keys under "
+        f"{prefix!r}) nor a file under the image root"
+    )
+
+    def stored(key: str | None) -> str | None:
+        if key is not None and key.startswith(prefix) and storage.exists(key):
+            return storage.uri(key)
+        return None
+
+    key = _storage_key(value, storage)
+    found = stored(key)
+    if found is not None:
+        return found
+    try:
+        uri = resolve_image_uri(settings.image_root, value, value, "checkpoint")
+    except ApiError:
+        raise refused from None
+    inner = _storage_key(uri, storage)
+    if inner is not None:  # the image root contains the storage root
+        found = stored(inner)
+        if found is None:
+            raise refused
+        return found
+    if not Path(uri.removeprefix("file://")).is_file():
+        raise refused
+    return uri
+
+
+def _storage_key(value: str, storage: Storage) -> str | None:
+    """The storage key ``value`` would name: a URI of this storage, or a well-formed relative
+    key; None otherwise. Says nothing about whether an object exists there."""
+    try:
+        return storage.key_from_uri(value) if "://" in value else validate_key(value)
+    except StorageError:
+        return None
 
 
 # ------------------------------------------------------------------------------ status views
@@ -263,7 +335,23 @@ def create_round(project_id: int):
     """Start a round: train on seed + accepted masks, then (detect: true) detect and cluster."""
     body = parse(RoundCreate)
     project = owned_project(project_id)
-    options = _train_options(body)
+    checkpoint: str | None = None
+    if body.checkpoint is not None:
+        clashing = [name for name in TRAINING_FIELDS if name in body.model_fields_set]
+        if clashing:
+            raise validation_error(
+                f"{', '.join(clashing)}: training options cannot be combined with checkpoint "
+                "(the round detects with the given weights instead of training)"
+            )
+        checkpoint = resolve_checkpoint(
+            body.checkpoint,
+            project.id,
+            get_settings(),
+            current_app.extensions["maskmill.storage"],
+        )
+        options: dict[str, Any] = {}
+    else:
+        options = _train_options(body)
     session = get_session()
     for rnd, jobs in _rounds(session, project):
         status, _ = effective_status(rnd, jobs)
@@ -279,10 +367,10 @@ def create_round(project_id: int):
             )
         )
     )
-    if not seeded:
+    if not seeded and checkpoint is None:  # given weights need no training set
         raise validation_error(
             "the project has no seed ground truth to train on: upload it first with "
-            f"POST /api/v1/projects/{project.id}/ground-truth?split=seed"
+            f"POST /api/v1/projects/{project.id}/ground-truth?split=seed, or give a checkpoint"
         )
     if body.detect:
         seed_images = select(GroundTruthMask.image_id).where(
@@ -313,6 +401,7 @@ def create_round(project_id: int):
             detect=body.detect,
             shards=body.shards,
             train_options=options,
+            **({"checkpoint": checkpoint} if checkpoint is not None else {}),
         )
     except (IntegrityError, DuplicateJobError):
         # A concurrent POST took this round number first.

@@ -388,6 +388,37 @@ def test_load_checkpoint_rejects_other_files(tmp_path: Path) -> None:
         mm.load_checkpoint(tmp_path / "other.pt")
 
 
+def test_load_checkpoint_explains_every_kind_of_bad_file(tmp_path: Path) -> None:
+    """A requester's file fails with a ValueError naming it (as the caller calls it) and the
+    reason, never with a pickling or state-dict error from inside torch."""
+    config = tiny_config()
+    path = mm.save_checkpoint(
+        tmp_path / "ok.pt", mm.build_model(config), None, 3, config, extra={"init": "scratch"}
+    )
+    assert mm.load_checkpoint(path, device="cpu").extra == {"init": "scratch"}
+    payload = torch.load(path, weights_only=True)
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"half a file")
+    with pytest.raises(ValueError, match=r"^'mine\.pt' is not a maskmill .*torch\.load cannot"):
+        mm.load_checkpoint(bad, name="'mine.pt'")
+    torch.save({**payload, "config": {**payload["config"], "colour": "red"}}, bad)
+    with pytest.raises(ValueError, match="invalid model configuration: unknown ModelConfig"):
+        mm.load_checkpoint(bad)
+    del payload["model"]["roi_heads.attention.projection"]
+    weights = payload["model"]
+    weights["backbone.body.conv1.weight"] = weights["backbone.body.conv1.weight"][:1]
+    torch.save(payload, bad)
+    with pytest.raises(ValueError, match="do not fit") as failure:
+        mm.load_checkpoint(bad)
+    message = str(failure.value)
+    assert "1 tensors missing, e.g. 'roi_heads.attention.projection'" in message
+    assert "'backbone.body.conv1.weight' is [1, 3, 7, 7] where [64, 3, 7, 7]" in message
+    torch.save({**payload, "model": [1, 2]}, bad)
+    with pytest.raises(ValueError, match="not a dictionary of tensors"):
+        mm.load_checkpoint(bad)
+
+
 # ------------------------------------------------------------------------------------------
 # data and evaluation
 

@@ -13,9 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+
+from workers.demo import USELESS_MODEL_SHARE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,9 +69,63 @@ def test_summary_is_consistent(demo):
         "spammers_blocked": summary["workers"]["spammers_blocked"],
         "honest_blocked": 0,
     }
+    quality = summary["quality"]
+    assert quality["correct_masks"] + quality["wrong_masks"] == quality["accepted_masks"]
     speed = summary["speedup_vs_manual"]
     assert speed["manual_seconds_per_mask"] == 80
-    assert speed["manual_hours"] == pytest.approx(summary["accepted_masks"] * 80 / 3600, abs=1e-3)
+    assert speed["masks_counted"] == quality["correct_masks"]  # wrong masks save no drawing
+    assert speed["manual_hours"] == pytest.approx(quality["correct_masks"] * 80 / 3600, abs=1e-3)
+
+
+def test_summary_says_when_the_model_had_nothing_right_to_accept(demo):
+    """Each round reports how many detected masks were correct; a round whose model produced
+    (almost) none, and any wrong accepted mask, is stated in the printed notes."""
+    summary = json.loads((demo["out"] / "summary.json").read_text())
+    notes = summary["caveats"]
+    for entry in summary["rounds"]:
+        detected = entry["detected"]
+        assert detected["masks"] == entry["masks_detected"]
+        assert 0 <= detected["correct"] <= detected["masks"]
+        barely = detected["correct_share"] < USELESS_MODEL_SHARE
+        stated = any(n.startswith(f"round {entry['number']}: the model is barely") for n in notes)
+        assert barely == stated, (entry, notes)
+    wrong = summary["quality"]["wrong_masks"]
+    assert any(f"{wrong} of " in n and "accepted masks are wrong" in n for n in notes) == (
+        wrong > 0
+    )
+    for note in notes:
+        assert f"note: {note}" in demo["run"].stdout
+
+
+def test_summary_quality_matches_an_independent_check(demo):
+    """Match every exported mask to the synthetic truth by file name and class name (not through
+    the demo's own code) and compare with the summary's quality numbers."""
+    summary = json.loads((demo["out"] / "summary.json").read_text())
+    export = json.loads(Path(summary["files"]["export"]).read_text())
+    truth_file = json.loads((demo["out"] / "images" / "synthetic" / "pool_gt.json").read_text())
+    names = {c["id"]: c["name"] for c in truth_file["categories"]}
+    files = {i["id"]: i["file_name"] for i in truth_file["images"]}
+    truth: dict[tuple[str, str], list] = {}
+    for ann in truth_file["annotations"]:
+        truth.setdefault((files[ann["image_id"]], names[ann["category_id"]]), []).append(
+            ann["segmentation"]
+        )
+    exported_files = {i["id"]: i["file_name"] for i in export["images"]}
+    exported_names = {c["id"]: c["name"] for c in export["categories"]}
+    ious = []
+    for ann in export["annotations"]:
+        key = (exported_files[ann["image_id"]], exported_names[ann["category_id"]])
+        candidates = truth.get(key, [])
+        ious.append(
+            float(np.max(mask_utils.iou([ann["segmentation"]], candidates, [0] * len(candidates))))
+            if candidates
+            else 0.0
+        )
+    quality = summary["quality"]
+    k = quality["k_iou"]
+    assert quality["correct_masks"] == sum(iou >= k for iou in ious)
+    if ious:
+        assert quality["mean_iou"] == pytest.approx(float(np.mean(ious)), abs=1e-3)
 
 
 def test_export_loads_and_matches_the_summary(demo):

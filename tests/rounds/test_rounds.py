@@ -35,8 +35,16 @@ from service.render import open_image
 from service.storage import open_storage
 from tests.data_factory import rect_mask, rle
 from tests.helpers import new_key
+from tests.rounds.helpers import (
+    SIZE,
+    TINY_MODEL,
+    make_project,
+    round_status,
+    start_round,
+)
 from workers import model as mm
-from workers import seed_select, synthetic
+from workers import rounds as rounds_job
+from workers import seed_select
 from workers import train as train_job
 from workers.detect import (
     detection_images,
@@ -45,29 +53,6 @@ from workers.detect import (
     shard_key,
 )
 
-SIZE = 64
-CLASSES = ["disc", "square"]
-#: A detector small enough to train a few steps in seconds. ``score_threshold`` 0 lets an
-#: untrained model's boxes through, so detect and cluster have masks to work on.
-TINY_MODEL: dict[str, Any] = {
-    "min_size": SIZE,
-    "max_size": SIZE,
-    "anchor_sizes": [4, 8, 16, 32, 64],
-    "fpn_channels": 16,
-    "box_head_dim": 32,
-    "box_batch_size_per_image": 16,
-    "rpn_pre_nms_top_n_train": 100,
-    "rpn_post_nms_top_n_train": 50,
-    "rpn_pre_nms_top_n_test": 100,
-    "rpn_post_nms_top_n_test": 50,
-    "detections_per_img": 6,
-    "score_threshold": 0.0,
-    "min_box_area": 0.0,
-    "iou_head_channels": 8,
-    "iou_head_fc_dim": 16,
-    "feature_dim": 8,
-}
-
 
 @pytest.fixture(autouse=True)
 def _threads() -> Iterator[None]:
@@ -75,89 +60,6 @@ def _threads() -> Iterator[None]:
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def fast(settings):
-    return settings.replace(job_retry_delays=(0, 0))
-
-
-@pytest.fixture(scope="module")
-def local_app(fast):
-    """The embedded default: jobs run in-process."""
-    application = create_app(fast)
-    yield application
-    get_database(application).dispose()
-
-
-@pytest.fixture(scope="module")
-def synthetic_data(fast) -> dict[str, Path]:
-    """Seed / held-out / pool splits under the image root (written once per module)."""
-    out = Path(fast.image_root) / "syn"
-    files, next_id = {}, 1
-    for split, n in (("seed", 5), ("heldout", 3), ("pool", 7)):
-        files[split] = synthetic.generate(
-            out,
-            n,
-            seed=5,
-            image_size=SIZE,
-            classes=CLASSES,
-            split=split,
-            first_image_id=next_id,
-            hide_annotations=split == "pool",
-            image_format="png",
-        )
-        next_id += n
-    return files
-
-
-def make_project(client, headers, files, *, splits=("seed", "heldout", "pool"), gt=True) -> int:
-    """A project with the synthetic images registered and (optionally) its ground truth."""
-    created = client.post(
-        "/api/v1/projects",
-        json={"name": "rounds", "classes": CLASSES, "params": {"n_s": 3, "k_pa": 0.0}},
-        headers=headers,
-    )
-    pid = created.get_json()["id"]
-    entries = [
-        {
-            "file_name": image["file_name"],
-            "uri": f"syn/images/{image['file_name']}",
-            "width": image["width"],
-            "height": image["height"],
-        }
-        for split in splits
-        for image in json.loads(files[split].read_text())["images"]
-    ]
-    assert (
-        client.post(
-            f"/api/v1/projects/{pid}/images", json={"images": entries}, headers=headers
-        ).status_code
-        == 201
-    )
-    if gt:
-        for split in ("seed", "heldout"):
-            if split in splits:
-                response = client.post(
-                    f"/api/v1/projects/{pid}/ground-truth?split={split}",
-                    json=json.loads(files[split].read_text()),
-                    headers=headers,
-                )
-                assert response.status_code == 201, response.get_json()
-    return pid
-
-
-def start_round(client, headers, pid, **extra) -> dict:
-    body = {"detect": True, "steps": 2, "checkpoint_every": 1, "model": TINY_MODEL, **extra}
-    response = client.post(f"/api/v1/projects/{pid}/rounds", json=body, headers=headers)
-    assert response.status_code == 202, response.get_json()
-    return response.get_json()
-
-
-def round_status(client, headers, pid, number) -> dict:
-    response = client.get(f"/api/v1/projects/{pid}/rounds/{number}", headers=headers)
-    assert response.status_code == 200, response.get_json()
-    return response.get_json()
 
 
 # ------------------------------------------------------------------------------ RQ pipeline
@@ -347,6 +249,49 @@ def test_non_transient_failure_fails_the_round_at_once(local_app, synthetic_data
         )
 
 
+def test_a_retried_stage_dispatches_a_next_stage_that_was_recorded_but_never_sent(
+    local_app, synthetic_data, fast
+):
+    """The entry job died between recording the train job and handing it to the runner; its retry
+    finds the row and must send it, or the round would wait forever."""
+    client = local_app.test_client()
+    with get_database(local_app).session() as session:
+        _, headers = new_key(session, "lost-dispatch")
+        pid = make_project(client, headers, synthetic_data, splits=("seed", "pool"))
+        rnd = Round(project_id=pid, number=1, status=RoundStatus.PENDING)
+        session.add(rnd)
+        session.flush()
+        options = {"steps": 1, "model": TINY_MODEL, "seed": 0}
+        session.add(
+            Job(
+                id=f"train-p{pid}-r1",
+                func_name="workers.rounds.train_stage",
+                queue="gpu",
+                kwargs={
+                    "round_id": rnd.id,
+                    "detect": False,
+                    "shards": 1,
+                    "max_image_id": 0,
+                    "train_options": options,
+                    "detect_options": {},
+                },
+                project_id=pid,
+                status=JobStatus.QUEUED,
+            )
+        )
+        session.commit()
+        round_id = rnd.id
+    with job_context_for_tests(fast) as ctx:
+        rounds_job.run_round(ctx, round_id=round_id, detect=False, train_options=options)
+    _wait(local_app, f"train-p{pid}-r1")
+    ready = round_status(client, headers, pid, 1)
+    assert ready["status"] == "ready" and ready["checkpoint_uri"], ready
+    with job_context_for_tests(fast) as ctx:  # sent once: a second retry finds it finished
+        rounds_job.run_round(ctx, round_id=round_id, detect=False, train_options=options)
+    train = next(j for j in round_status(client, headers, pid, 1)["jobs"] if "train" in j["id"])
+    assert train["status"] == "finished" and train["attempts"] == 1
+
+
 def test_train_only_round_and_effective_failure(local_app, synthetic_data):
     """``detect: false`` trains and stops; a round whose job died without marking it still reads
     as failed."""
@@ -411,7 +356,8 @@ def test_train_resumes_from_its_checkpoint(local_app, synthetic_data, fast, monk
     with job_context_for_tests(fast) as ctx:
         result = train_job.train(ctx, round_id=round_id, **options)
     assert starts[2:] == [2]  # the retry started at the checkpoint's step, not at 0
-    assert result["init"] == "resumed" and result["resumed_from_step"] == 2
+    # The resumed run still says what it started from (the interrupted run's state says so).
+    assert result["init"] == "scratch" and result["resumed_from_step"] == 2
     assert result["ap"] is None  # no held-out set in this project
     assert not storage.exists(train_job.resume_key(pid, 1))
     checkpoint = mm.load_checkpoint(
@@ -426,7 +372,10 @@ def test_train_resumes_from_its_checkpoint(local_app, synthetic_data, fast, monk
     # A retry after the weights were stored does not train again.
     with job_context_for_tests(fast) as ctx:
         again = train_job.train(ctx, round_id=round_id, **options)
-    assert again["init"] == "stored" and starts[3:] == []
+    assert again["reused_stored_weights"] and starts[3:] == []
+    assert {k: again[k] for k in ("init", "loss", "loss_first", "lr")} == {
+        k: result[k] for k in ("init", "loss", "loss_first", "lr")
+    }
 
 
 def test_seeded_batches_resume_exactly():
