@@ -1,0 +1,91 @@
+"""On SQLite (the embedded default), a worker request that finds another connection writing --
+the in-process job runner, another request thread -- waits and retries instead of failing with
+"database is locked"."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from service import migrate
+from service.api.work import _retryable
+from service.app import create_app
+from service.db import get_database
+from service.settings import Settings
+from tests.crowd.world import (
+    add_gold,
+    add_tree,
+    block_world,
+    do_hit,
+    invite,
+    make_world,
+    qualify_directly,
+)
+
+
+def test_sqlite_lock_errors_are_retryable_and_others_are_not():
+    locked = OperationalError("INSERT", {}, sqlite3.OperationalError("database is locked"))
+    broken = OperationalError("INSERT", {}, sqlite3.OperationalError("no such table: hits"))
+    assert _retryable(locked)
+    assert not _retryable(broken)
+
+
+def test_a_claim_waits_out_another_writer(tmp_path):
+    path = tmp_path / "maskmill.db"
+    url = f"sqlite:///{path}"
+    migrate.upgrade(url)
+    app = create_app(
+        Settings(
+            database_url=url,
+            storage_url=str(tmp_path / "storage"),
+            image_root=str(tmp_path / "images"),
+            secret_key="test",
+            testing=True,
+        )
+    )
+    try:
+        client = app.test_client()
+        with get_database(app).session() as db:
+            world = make_world(client, db, name="locked")
+            scores, truth = block_world("GBGB")
+            add_tree(db, world, scores, truth)
+            add_gold(db, world, [True, False])
+            worker = invite(client, world)
+            qualify_directly(db, worker["worker_id"])
+            world.campaign(client, questions_per_hit=10, gold_per_hit=2)
+
+            holding = threading.Event()
+
+            def writer() -> None:
+                other = sqlite3.connect(path, isolation_level=None)
+                other.execute("BEGIN IMMEDIATE")  # the write lock, as a job runner's commit holds
+                holding.set()
+                time.sleep(0.15)
+                other.execute("COMMIT")
+                other.close()
+
+            thread = threading.Thread(target=writer)
+            thread.start()
+            assert holding.wait(5)
+            # The request reads the worker first, then must write: SQLite refuses that upgrade at
+            # once while the other connection writes, and the request retries until it can.
+            assert do_hit(client, db, world, worker["token"]) is not None
+            thread.join(5)
+    finally:
+        get_database(app).dispose()
+
+
+def test_the_message_sqlite_uses_is_the_one_matched(tmp_path):
+    # Guard against the matched text drifting from what sqlite3 actually raises.
+    path = tmp_path / "lock.db"
+    first = sqlite3.connect(path, isolation_level=None, timeout=0)
+    second = sqlite3.connect(path, isolation_level=None, timeout=0)
+    first.execute("CREATE TABLE t (x)")
+    first.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+        second.execute("BEGIN IMMEDIATE")
+    first.execute("ROLLBACK")
