@@ -174,10 +174,53 @@ def worker(queues: str, burst: bool) -> None:
         connection.ping()
     except redis.RedisError as exc:
         raise click.ClickException(f"cannot reach Redis at {settings.redis_url}: {exc}") from None
+    # Redis holds only the transport: whatever PostgreSQL still says is queued but Redis lost
+    # (a flush, a restart without persistence) is dispatched again before work starts.
+    for job_id in _reconcile(settings):
+        click.echo(f"re-dispatched job {job_id} (queued in the database, missing from Redis)")
     rq_worker = Worker(
         [Queue(name, connection=connection) for name in names], connection=connection
     )
     rq_worker.work(burst=burst)
+
+
+def _reconcile(settings: Settings) -> list[str]:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from service.db import Database
+    from service.jobs import reconcile
+
+    database = Database(settings.database_url)
+    try:
+        with database.session() as session:
+            return reconcile(session, settings)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(
+            f"cannot read the jobs table ({type(exc).__name__}: {exc.args[0] if exc.args else ''}); "
+            "is MASKMILL_DATABASE_URL right, and did `maskmill db upgrade` run?"
+        ) from None
+    finally:
+        database.dispose()
+
+
+@main.group()
+def jobs() -> None:
+    """Background jobs."""
+
+
+@jobs.command("reconcile")
+def jobs_reconcile() -> None:
+    """Dispatch again every job the database says is queued but Redis does not hold (after a
+    Redis flush or restart; `maskmill worker` also does this when it starts)."""
+    settings = _settings()
+    if not settings.redis_url:
+        raise click.ClickException(
+            "MASKMILL_REDIS_URL is not set: jobs run in-process, there is nothing to reconcile"
+        )
+    redone = _reconcile(settings)
+    for job_id in redone:
+        click.echo(f"re-dispatched job {job_id}")
+    click.echo(f"{len(redone)} job(s) re-dispatched")
 
 
 # ------------------------------------------------------------------------- offline tools

@@ -65,6 +65,11 @@ def test_worker_without_redis_is_a_clear_error(env):
 
 def test_worker_burst_on_real_redis(env, redis_server, monkeypatch):
     monkeypatch.setenv("MASKMILL_REDIS_URL", redis_server.url)
+    # The worker first reconciles the database's queued jobs with Redis: it needs the schema.
+    refused = CliRunner().invoke(main, ["worker", "--queues", "cpu", "--burst"])
+    assert refused.exit_code == 1
+    assert "maskmill db upgrade" in refused.output
+    assert CliRunner().invoke(main, ["db", "upgrade"]).exit_code == 0
     result = CliRunner().invoke(main, ["worker", "--queues", "cpu", "--burst"])
     assert result.exit_code == 0, result.output
 

@@ -147,3 +147,28 @@ def test_reconcile_requeues_after_redis_flush(db, rq_settings, monkeypatch):
 def test_execute_unknown_job(fast_settings):
     with pytest.raises(ValueError, match="no job"):
         execute("never-enqueued", settings=fast_settings, in_process=True)
+
+
+def test_cli_reconcile_and_worker_start_redispatch_lost_jobs(db, rq_settings, monkeypatch):
+    from click.testing import CliRunner
+
+    from service.cli import main
+
+    monkeypatch.setenv("MASKMILL_DATABASE_URL", rq_settings.database_url)
+    monkeypatch.setenv("MASKMILL_REDIS_URL", rq_settings.redis_url)
+    monkeypatch.setenv("MASKMILL_STORAGE_URL", rq_settings.storage_url)
+    enqueue(db, rq_settings, "tests.test_jobs.echo", job_id="cli-lost", value=3)
+    redis = Redis.from_url(rq_settings.redis_url)
+    redis.flushall()
+    result = CliRunner().invoke(main, ["jobs", "reconcile"])
+    assert result.exit_code == 0, result.output
+    assert "re-dispatched job cli-lost" in result.output
+    assert "1 job(s) re-dispatched" in result.output
+    again = CliRunner().invoke(main, ["jobs", "reconcile"])  # now Redis holds it: nothing to do
+    assert "0 job(s) re-dispatched" in again.output
+    redis.flushall()
+    # `maskmill worker` reconciles before it starts working, so it runs the lost job itself.
+    worked = CliRunner().invoke(main, ["worker", "--burst", "--queues", ",".join(jobs.QUEUES)])
+    assert worked.exit_code == 0, worked.output
+    assert "re-dispatched job cli-lost" in worked.output
+    assert _status(db, "cli-lost").status is JobStatus.FINISHED
