@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis import exceptions as redis_errors
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -49,7 +50,16 @@ class DuplicateJobError(RuntimeError):
         self.job = job
 
 
-_TRANSIENT = (TransientJobError, OperationalError, ConnectionError, TimeoutError)
+# Redis' own connection errors are not the builtin ones: a job that enqueues its next stage
+# during a Redis blip is retried, not failed for good.
+_TRANSIENT = (
+    TransientJobError,
+    OperationalError,
+    ConnectionError,
+    TimeoutError,
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Queue, SimpleWorker
 
 from service import jobs
@@ -27,6 +28,13 @@ def flaky(ctx, *, key: str, failures: int) -> dict:
     CALLS[key] = CALLS.get(key, 0) + 1
     if CALLS[key] <= failures:
         raise jobs.TransientJobError("database busy")
+    return {"calls": CALLS[key]}
+
+
+def redis_blip(ctx, *, key: str) -> dict:
+    CALLS[key] = CALLS.get(key, 0) + 1
+    if CALLS[key] == 1:
+        raise RedisConnectionError("Error 111 connecting to localhost:6379. Connection refused.")
     return {"calls": CALLS[key]}
 
 
@@ -90,6 +98,14 @@ def test_transient_failure_retried_in_process(db, fast_settings):
     jobs.dispatcher_for(fast_settings).wait("flaky-1", timeout=30)
     job = _status(db, "flaky-1")
     assert job.status is JobStatus.FINISHED and job.attempts == 3
+
+
+def test_a_redis_blip_is_transient(db, fast_settings):
+    enqueue(db, fast_settings, "tests.test_jobs.redis_blip", job_id="blip-1", key="blip")
+    jobs.dispatcher_for(fast_settings).wait("blip-1", timeout=30)
+    job = _status(db, "blip-1")
+    assert job.status is JobStatus.FINISHED, job.error
+    assert job.attempts == 2
 
 
 def test_transient_failure_exhausts_retries(db, fast_settings):
