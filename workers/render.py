@@ -5,18 +5,25 @@ is an optimisation, not a dependency: if it runs late or fails, pages still work
 idempotent (cached overlays are skipped) and reads each tree file once per run (questions are taken in
 tree order). The database session is closed before the rendering itself.
 
-Two entry points: :func:`render_questions` for direct calls and RQ's plain dotted-name enqueueing, and
-:func:`render_job` for :func:`service.jobs.enqueue`, which passes a :class:`JobContext`.
+Entry points: :func:`render_questions` for direct calls and RQ's plain dotted-name enqueueing;
+:func:`render_job` (questions by id) and :func:`render_hits_job` (every question of some HITs) for
+:mod:`service.jobs`, which passes a :class:`JobContext`. The HIT builder records a
+``render_hits_job`` for every batch it builds (:mod:`service.crowd.hits`): a batch's question ids
+are not read back when it is inserted, its HIT ids are.
+
+A question that cannot be rendered (a missing tree file or image) is counted and logged, once per
+distinct reason: a batch whose tree file is gone must not print a warning per question.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 
 from service.db import Database
 from service.jobs import JobContext
@@ -34,6 +41,9 @@ from service.storage import Storage, open_storage
 log = logging.getLogger(__name__)
 
 MAX_QUESTIONS_PER_JOB = 10_000
+#: A batch is at most 100 HITs (``CrowdParams.build_batch_hits``); this leaves room for merged
+#: batches while bounding what one job holds in memory.
+MAX_HITS_PER_JOB = 1_000
 
 
 @dataclass
@@ -52,19 +62,17 @@ class RenderReport:
         }
 
 
-def _check_ids(question_ids: Any) -> list[int]:
-    if not isinstance(question_ids, list | tuple):
-        raise ValueError(
-            f"question_ids must be a list of integers, got {type(question_ids).__name__}"
-        )
-    if any(isinstance(q, bool) or not isinstance(q, int) for q in question_ids):
-        raise ValueError("question_ids must contain integers only")
-    if len(question_ids) > MAX_QUESTIONS_PER_JOB:
-        raise ValueError(
-            f"{len(question_ids)} questions in one job; split into jobs of at most "
-            f"{MAX_QUESTIONS_PER_JOB}"
-        )
-    return sorted(set(question_ids))
+def _check_ids(
+    ids: Any, name: str = "question_ids", limit: int = MAX_QUESTIONS_PER_JOB
+) -> list[int]:
+    """Job arguments arrive as JSON: a list of integer ids, bounded, deduplicated and sorted."""
+    if not isinstance(ids, list | tuple):
+        raise ValueError(f"{name} must be a list of integers, got {type(ids).__name__}")
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise ValueError(f"{name} must contain integers only")
+    if len(ids) > limit:
+        raise ValueError(f"{len(ids)} {name} in one job; split into jobs of at most {limit}")
+    return sorted(set(ids))
 
 
 def render_overlays(
@@ -76,16 +84,41 @@ def render_overlays(
 ) -> RenderReport:
     """Render and store the overlays of ``question_ids`` that are not cached yet."""
     ids = _check_ids(question_ids)
+    report = _render(database, storage, settings, Question.id.in_(ids), progress)
+    # Every question found ends rendered, cached or failed; the rest of the ids were not found.
+    report.missing = len(ids) - (report.rendered + report.cached + report.failed)
+    return report
+
+
+def render_hits(
+    database: Database,
+    storage: Storage,
+    settings: Settings,
+    hit_ids: list[int],
+    progress: Callable[[float, str], None] | None = None,
+) -> RenderReport:
+    """Render and store the overlays of every question of ``hit_ids`` not cached yet (samples,
+    hidden gold: a worker's page shows them all alike)."""
+    ids = _check_ids(hit_ids, "hit_ids", MAX_HITS_PER_JOB)
+    return _render(database, storage, settings, Question.hit_id.in_(ids), progress)
+
+
+def _render(
+    database: Database,
+    storage: Storage,
+    settings: Settings,
+    which: ColumnElement[bool],
+    progress: Callable[[float, str], None] | None,
+) -> RenderReport:
+    """Render the overlays of the questions ``which`` selects; ``missing`` is the caller's."""
     report = RenderReport()
-    todo: list[tuple[int, str, str, dict[str, Any]]] = []  # (question id, key, image uri, rle)
+    failures: Counter[str] = Counter()
+    todo: list[tuple[str, str, dict[str, Any]]] = []  # (key, image uri, rle)
     trees = TreeFileCache()
     with database.session() as session:
         questions = session.scalars(
-            select(Question)
-            .where(Question.id.in_(ids))
-            .order_by(Question.tree_id, Question.leaf_pos, Question.id)
+            select(Question).where(which).order_by(Question.tree_id, Question.leaf_pos, Question.id)
         ).all()
-        report.missing = len(ids) - len(questions)
         planned: set[str] = set()
         for question in questions:
             key = overlay_key(question)
@@ -95,22 +128,24 @@ def render_overlays(
             try:
                 image, rle = question_target(session, storage, question, trees)
             except (LookupError, ValueError) as exc:
-                log.warning("question %s cannot be rendered: %s", question.id, exc)
-                report.failed += 1
+                failures[str(exc)] += 1
                 continue
             planned.add(key)
-            todo.append((question.id, key, image.uri, rle))
-    for done, (question_id, key, uri, rle) in enumerate(todo):
+            todo.append((key, image.uri, rle))
+    # The session is closed: rendering takes seconds and must not hold a connection.
+    for done, (key, uri, rle) in enumerate(todo):
         try:
             data = render_overlay(open_image(uri, settings, storage), rle)
         except ValueError as exc:
-            log.warning("question %s cannot be rendered: %s", question_id, exc)
-            report.failed += 1
+            failures[str(exc)] += 1
             continue
         storage.put_bytes(key, data)
         report.rendered += 1
         if progress is not None and done % 10 == 9:
             progress((done + 1) / len(todo), f"{done + 1} of {len(todo)} overlays")
+    for reason, count in failures.items():
+        log.warning("%d question(s) cannot be rendered: %s", count, reason)
+    report.failed = sum(failures.values())
     return report
 
 
@@ -133,4 +168,12 @@ def render_job(ctx: JobContext, *, question_ids: list[int]) -> dict[str, int]:
     "workers.render.render_job", question_ids=[...])``), with progress and a summary result."""
     return render_overlays(
         ctx.database, ctx.storage, ctx.settings, question_ids, progress=ctx.progress
+    ).as_dict()
+
+
+def render_hits_job(ctx: JobContext, *, hit_ids: list[int]) -> dict[str, int]:
+    """The job the HIT builder records for each batch it builds
+    (``service.crowd.hits.RENDER_JOB``): pre-render every question of those HITs."""
+    return render_hits(
+        ctx.database, ctx.storage, ctx.settings, hit_ids, progress=ctx.progress
     ).as_dict()

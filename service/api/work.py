@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import Field
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import DBAPIError
@@ -213,11 +213,14 @@ def _claim_response(served: Claim) -> Response:
 def _refill_after(response: Response, campaign_id: int) -> None:
     """Build the campaign's next batch of HITs once this response has been sent: the worker
     does not wait for it, and the next claims find HITs instead of waiting for a build."""
+    app = current_app._get_current_object()
     database = get_database()
 
     def build() -> None:
         try:
-            with database.session() as session:
+            # The response is gone, and its application context with it: the build runs in one
+            # of its own, so it records the batch's render job like any other build.
+            with app.app_context(), database.session() as session:
                 refill(session, campaign_id)
                 session.commit()
         except Exception:  # claims build on demand if this fails; never break the response

@@ -5,9 +5,12 @@ are locked with ``SELECT ... FOR UPDATE SKIP LOCKED`` (concurrent builders take 
 and never wait on each other), the policy says how many more answers each needs, fresh leaf
 positions are sampled, the samples are shuffled within groups of ``hits_per_build`` HITs of
 ``questions_per_hit`` and dealt into them, hidden gold is added to each, every question gets a
-random public id, the payload a worker will receive is serialised onto the HIT, and the HITs'
-cost is reserved -- all in one savepoint, so a HIT exists exactly when its money is reserved. The
-reservation is the last statement, so the hot campaign row is locked only briefly.
+random public id, the payload a worker will receive is serialised onto the HIT, the batch's render
+job is recorded (it pre-renders the overlays the questions show; dispatched to the job runner once
+the caller commits) and the HITs' cost is reserved -- all in one savepoint, so a HIT exists exactly
+when its money is reserved. The reservation is the last statement, so the hot campaign row is
+locked only briefly. The randomness of a build comes from the operating system, or from a seed
+(:func:`seeded_sampling`) when a test or an experiment must be reproducible.
 
 When HITs are built: a claim that finds none open builds ``build_batch_hits`` of them; on
 PostgreSQL it does so under a per-campaign advisory lock, so one request builds and the others
@@ -37,16 +40,19 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import and_, bindparam, func, insert, or_, select, text, update
+from sqlalchemy import and_, bindparam, event, func, insert, or_, select, text, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
@@ -75,6 +81,8 @@ from service.models import (
     GoldItem,
     Hit,
     HitStatus,
+    Job,
+    JobStatus,
     Project,
     ProjectClass,
     Question,
@@ -83,7 +91,11 @@ from service.models import (
     Tree,
 )
 
+if TYPE_CHECKING:
+    from service.settings import Settings
+
 __all__ = [
+    "RENDER_JOB",
     "CampaignInfo",
     "Claim",
     "SubmitResult",
@@ -100,7 +112,10 @@ __all__ = [
     "question_payload",
     "record_answers",
     "refill",
+    "render_job_id",
     "retire_hits",
+    "sampling_rng",
+    "seeded_sampling",
     "sweep",
     "sweep_leases",
     "utcnow",
@@ -116,6 +131,9 @@ _CL = Cluster.__table__
 _G = GoldItem.__table__
 _T = Tree.__table__
 _PC = ProjectClass.__table__
+_J = Job.__table__
+
+log = logging.getLogger(__name__)
 
 #: Statuses whose campaigns still hand out already-reserved HITs. An ``exhausted`` campaign builds
 #: no new HIT but its open ones are paid for, so they are still offered.
@@ -142,6 +160,38 @@ def utcnow() -> datetime:
 def aware(moment: datetime) -> datetime:
     """SQLite hands timestamps back without a zone; every timestamp we store is UTC."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+#: The generator HIT builds draw from when their caller passes none: set only by
+#: :func:`seeded_sampling`. A context variable rather than a module global, so a seed set for one
+#: thread (a test, an experiment) never leaks into requests served by other threads.
+_SEEDED_RNG: ContextVar[np.random.Generator | None] = ContextVar(
+    "maskmill_sampling_rng", default=None
+)
+
+
+def sampling_rng() -> np.random.Generator:
+    """The randomness of a HIT build (sampled leaf positions, the shuffles, the hidden gold):
+    fresh from the operating system's entropy in production, so nobody can predict which masks
+    or gold items a campaign will show; inside :func:`seeded_sampling`, its seeded generator."""
+    seeded = _SEEDED_RNG.get()
+    return seeded if seeded is not None else np.random.default_rng()
+
+
+@contextmanager
+def seeded_sampling(seed: int) -> Iterator[np.random.Generator]:
+    """Make every HIT build in this context (and thread) draw from one generator seeded with
+    ``seed``, so a whole campaign -- built on demand by claims over HTTP, where no caller can pass
+    an ``rng`` -- is reproducible. For tests and experiments; public ids stay random whatever the
+    seed (they are the questions' unguessable names, not part of the sampling)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"sampling seed must be an integer >= 0, got {seed!r}")
+    rng = np.random.default_rng(seed)
+    token = _SEEDED_RNG.set(rng)
+    try:
+        yield rng
+    finally:
+        _SEEDED_RNG.reset(token)
 
 
 def new_public_id() -> str:
@@ -330,7 +380,11 @@ def _candidates(
         )
     if exclude:
         query = query.where(_CL.c.id.not_in(exclude))
-    query = query.order_by(_CL.c.score.desc()).limit(limit).with_for_update(skip_locked=True)
+    # Ties in score (equal-scored leaves are common) are broken by id, so the same state always
+    # yields the same candidates in the same order: a seeded build is then reproducible.
+    query = (
+        query.order_by(_CL.c.score.desc(), _CL.c.id).limit(limit).with_for_update(skip_locked=True)
+    )
     return [ClusterRow.of(r) for r in session.execute(query).all()]
 
 
@@ -409,8 +463,7 @@ _GOLD_POOL = (
     select(_G.c.id, _PC.c.name)
     .join(_PC, _PC.c.id == _G.c.class_id)
     .where(_G.c.project_id == bindparam("pid"), _G.c.for_qualification.is_(False))
-    .order_by(func.random())
-    .limit(bindparam("wanted"))
+    .order_by(_G.c.id)
 )
 _TREE_CLASSES = (
     select(_T.c.id, _PC.c.name)
@@ -419,12 +472,17 @@ _TREE_CLASSES = (
 )
 
 
-def _gold_pool(session: Session, campaign: CampaignInfo, wanted: int) -> list[tuple[int, str]]:
-    """Up to ``wanted`` random hidden-gold items of the project with their class names (fewer if
-    the pool is small)."""
-    if wanted == 0:
+def _gold_pool(session: Session, campaign: CampaignInfo) -> list[tuple[int, str]]:
+    """Every hidden-gold item of the project with its class name, in id order.
+
+    Each HIT draws its gold from this pool with the build's generator, so a seeded build
+    (:func:`seeded_sampling`) shows the same gold every time; the database's ``ORDER BY
+    random()`` could not be seeded. The pool is the project's small ground-truth set (tens to a
+    few thousand rows), read once per batch of HITs.
+    """
+    if campaign.gold_per_hit == 0:
         return []
-    rows = session.execute(_GOLD_POOL, {"pid": campaign.project_id, "wanted": wanted}).all()
+    rows = session.execute(_GOLD_POOL, {"pid": campaign.project_id}).all()
     return [(int(r[0]), r[1]) for r in rows]
 
 
@@ -468,10 +526,11 @@ def build_hits(
     either). Runs in a savepoint of the caller's transaction: if the reservation fails (another
     request took the money meanwhile) nothing of the HITs remains.
     """
-    rng = rng if rng is not None else np.random.default_rng()
+    rng = rng if rng is not None else sampling_rng()
     now = now or utcnow()
     count = campaign.crowd.hits_per_build if count is None else count
     cost = campaign.hit_cost
+    jobs_to = _job_settings()
     for _ in range(_BUILD_ATTEMPTS):
         funds = money.funds(session, campaign.id)
         if funds.status is not CampaignStatus.RUNNING:
@@ -482,12 +541,16 @@ def build_hits(
             return []
         try:
             with session.begin_nested():
-                hit_ids = _build_in_savepoint(session, campaign, affordable, rng, now)
+                hit_ids = _build_in_savepoint(
+                    session, campaign, affordable, rng, now, render=jobs_to is not None
+                )
         except _NoHit:
             # A concurrent build took part of the money first: size the batch again.
             continue
         if not hit_ids:
             _finish_if_done(session, campaign)
+        elif jobs_to is not None:
+            _dispatch_after_commit(session, jobs_to, render_job_id(hit_ids))
         return hit_ids
     return []
 
@@ -542,10 +605,17 @@ def build_hit(
 
 
 def _build_in_savepoint(
-    session: Session, campaign: CampaignInfo, count: int, rng: np.random.Generator, now: datetime
+    session: Session,
+    campaign: CampaignInfo,
+    count: int,
+    rng: np.random.Generator,
+    now: datetime,
+    *,
+    render: bool,
 ) -> list[int]:
     """The new HITs' ids, ``[]`` when no candidate needs a question (decisions taken on the way
     are kept); raises :class:`_NoHit` when the reservation fails (everything rolls back).
+    ``render``: also record the job that pre-renders the batch's overlays (one more statement).
 
     The samples (in priority order) are cut into groups of ``hits_per_build`` HITs, shuffled within
     each group and dealt into its HITs, so a cluster's questions spread over several HITs and
@@ -568,7 +638,7 @@ def _build_in_savepoint(
     class_of_tree = dict(
         session.execute(_TREE_CLASSES, {"ids": sorted({s.tree_id for s in plan.samples})}).all()
     )
-    gold_pool = _gold_pool(session, campaign, campaign.gold_per_hit * len(chunks))
+    gold_pool = _gold_pool(session, campaign)
     hits: list[tuple[list[_NewQuestion], str]] = []
     for index, chunk in enumerate(chunks):
         take = min(campaign.gold_per_hit, len(gold_pool))
@@ -597,6 +667,8 @@ def _build_in_savepoint(
     for sample in plan.samples:
         opened[sample.cluster_id] = opened.get(sample.cluster_id, 0) + 1
     _open_questions(session, opened)
+    if render:
+        _record_render_job(session, campaign, hit_ids)
     if not money.reserve(
         session, campaign.id, campaign.hit_cost, hit_ids, next_hit_cost=campaign.hit_cost
     ):
@@ -644,6 +716,113 @@ def _finish_if_done(session: Session, campaign: CampaignInfo) -> None:
             .where(_C.c.id == campaign.id, _C.c.status == CampaignStatus.RUNNING)
             .values(status=CampaignStatus.FINISHED)
         )
+
+
+# ---------------------------------------------------------------------------- render ahead
+
+#: The job that pre-renders a built batch's overlays, by dotted name: the web process records and
+#: dispatches it without importing the worker module.
+RENDER_JOB = "workers.render.render_hits_job"
+_RENDER_QUEUE = "cpu"
+_NEW_JOB = insert(_J)
+#: ``session.info`` key of the jobs recorded in the session's transaction, dispatched on commit.
+_PENDING_JOBS = "maskmill.crowd.pending_jobs"
+
+
+def render_job_id(hit_ids: Sequence[int]) -> str:
+    """The render job of the batch whose HITs are ``hit_ids`` (in insertion order). Deterministic
+    and unique: a HIT id belongs to one batch, so the first one names it."""
+    if not hit_ids:
+        raise ValueError("a render job needs at least one HIT id")
+    return f"render-hits-{hit_ids[0]}-n{len(hit_ids)}"
+
+
+def _job_settings() -> Settings | None:
+    """Where a build's render job goes: the configuration of the web app serving the request.
+
+    ``None`` -- no render job is recorded, and the batch's overlays are rendered on first request
+    by the media route (:func:`service.render.overlay_for_question`), as any overlay missing from
+    the cache is -- in two cases:
+
+    * outside an application context: a script or test calling the crowd code directly, or a
+      refill run after its response was sent without one;
+    * in a ``testing`` app, as Flask extensions suppress side effects under ``TESTING``: its
+      in-process job runner would go on rendering (and retrying) after the test module's database
+      is dropped, holding up the test process at exit. Tests of pre-rendering use a non-testing
+      app and wait for their jobs.
+
+    Flask is imported here, not at module level: the crowd layer does not otherwise know the web.
+    """
+    from flask import has_app_context
+
+    if not has_app_context():
+        return None
+    from service.app import get_settings
+
+    try:
+        settings = get_settings()
+    except KeyError:  # an application context, but not a maskmill app's
+        return None
+    return None if settings.testing else settings
+
+
+def _record_render_job(session: Session, campaign: CampaignInfo, hit_ids: list[int]) -> None:
+    """Record the batch's render job in the build's transaction: one INSERT, undone with the
+    batch if its savepoint rolls back. Dispatch waits for the commit
+    (:func:`_dispatch_after_commit`), so a job runner never looks for a row it cannot see yet.
+    The row is the durable record :mod:`service.jobs` keeps for every job (what
+    ``GET /api/v1/jobs/{id}`` reports and a reconciler re-dispatches)."""
+    session.execute(
+        _NEW_JOB,
+        {
+            "id": render_job_id(hit_ids),
+            "func_name": RENDER_JOB,
+            "queue": _RENDER_QUEUE,
+            "kwargs": {"hit_ids": hit_ids},
+            "project_id": campaign.project_id,
+            "status": JobStatus.QUEUED.value,
+            "progress": {},
+            "attempts": 0,
+        },
+    )
+
+
+def _dispatch_after_commit(session: Session, settings: Settings, job_id: str) -> None:
+    """Hand a recorded job to the job runner (RQ, or the in-process runner) once the session's
+    transaction commits; forget it if the transaction rolls back instead.
+
+    :func:`service.jobs.enqueue` commits the session itself, which a build cannot allow: it runs
+    in the middle of a claim whose locks must hold until the claim commits.
+    """
+    pending = session.info.get(_PENDING_JOBS)
+    if pending is None:
+        pending = session.info[_PENDING_JOBS] = []
+        event.listen(session, "after_commit", _dispatch_pending)
+        event.listen(session, "after_transaction_end", _forget_uncommitted)
+    pending.append((settings, job_id))
+
+
+def _dispatch_pending(session: Session) -> None:
+    # SQLAlchemy also calls this hook when a savepoint is released: only the real commit counts.
+    if session.in_nested_transaction():
+        return
+    pending = session.info.get(_PENDING_JOBS) or []
+    ready, pending[:] = list(pending), []
+    from service.jobs import dispatcher_for
+
+    for settings, job_id in ready:
+        try:
+            dispatcher_for(settings).dispatch(Job(id=job_id, queue=_RENDER_QUEUE))
+        except Exception:  # the HITs are committed: never fail the request for an optimisation
+            log.exception("could not dispatch %s; its overlays will render on demand", job_id)
+
+
+def _forget_uncommitted(session: Session, transaction: Any) -> None:
+    """The outermost transaction ended: whatever is still pending was rolled back with it."""
+    if transaction.parent is None:
+        pending = session.info.get(_PENDING_JOBS)
+        if pending:
+            pending.clear()
 
 
 # -------------------------------------------------------------------------------- claiming
