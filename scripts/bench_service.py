@@ -19,6 +19,8 @@ What runs where, all on loopback:
   ``MASKMILL_*`` variables; 2 workers x 2 threads by default (about two requests in flight per
   core measured best on 2 cores: more threads add GIL hand-offs and row-lock queues, not
   throughput);
+* Redis (:class:`service.devservers.RedisServer`): each built batch of HITs queues its render
+  job in RQ, as in a deployment where job workers render overlays; no job worker runs here;
 * the load: another process (``multiprocessing``), one thread per virtual worker, each with a
   keep-alive HTTP/1.1 connection (a minimal client, :class:`KeepAlive`, so the load generator
   takes as little as possible of the CPU it shares with the service), answering "yes" to
@@ -334,7 +336,7 @@ def seed_through_api(port: int, database_url: str, seeded: Seeded, options: Opti
 
 
 def start_gunicorn(
-    database_url: str, workdir: Path, options: Options
+    database_url: str, workdir: Path, options: Options, redis_url: str = ""
 ) -> tuple[subprocess.Popen, int]:
     from service.devservers import free_port
 
@@ -347,6 +349,9 @@ def start_gunicorn(
         MASKMILL_SECRET_KEY="bench-secret",
         MASKMILL_PUBLIC_URL=f"http://127.0.0.1:{port}",
         MASKMILL_LOG_LEVEL="WARNING",
+        # Jobs (each HIT batch's render job) go to RQ, as in a deployment: rendering is the job
+        # workers' CPU, not the web tier's. No worker runs here; the queue just fills.
+        MASKMILL_REDIS_URL=redis_url,
     )
     gunicorn = Path(sys.executable).with_name("gunicorn")
     process = subprocess.Popen(
@@ -882,7 +887,7 @@ def summarize(
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     from service import migrate
-    from service.devservers import PostgresServer
+    from service.devservers import PostgresServer, RedisServer
 
     workdir = Path(tempfile.mkdtemp(prefix="maskmill-bench-"))
     settings = (
@@ -894,12 +899,14 @@ def main(argv: list[str] | None = None) -> int:
         else {}
     )
     server = PostgresServer(fsync=options.fsync, settings=settings).start()
+    redis_server = None
     gunicorn: subprocess.Popen | None = None
     try:
+        redis_server = RedisServer().start()
         url = server.create_database("bench")
         migrate.upgrade(url)
         seeded = seed_project(url, options.clusters)
-        gunicorn, port = start_gunicorn(url, workdir, options)
+        gunicorn, port = start_gunicorn(url, workdir, options, redis_server.url)
         seed_through_api(port, url, seeded, options)
 
         loadavg_before = os.getloadavg()
@@ -911,7 +918,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         loader.start()
 
-        roots = {"postgres": server.process.pid, "gunicorn": gunicorn.pid, "load": loader.pid}
+        roots = {
+            "postgres": server.process.pid,
+            "gunicorn": gunicorn.pid,
+            "redis": redis_server.process.pid,
+            "load": loader.pid,
+        }
 
         def sample() -> tuple[dict[str, float], float]:
             return tree_cpu(roots), machine_busy()
@@ -1002,6 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if gunicorn is not None:
             stop_process_group(gunicorn)
+        if redis_server is not None:
+            redis_server.stop()
         server.stop()
     if options.as_json:
         print(json.dumps(report, indent=2))
