@@ -1,0 +1,52 @@
+"""The service benchmarks still run end to end (tiny sizes: this checks the scripts and what they
+verify, not the speed -- the figures come from full runs, quoted in the README)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, timeout: float = 240) -> dict:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), "--json", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_bench_service_runs_and_checks_the_database():
+    report = _run(
+        "bench_service.py",
+        "--duration", "3",
+        "--warmup", "1",
+        "--virtual-workers", "3",
+        "--clusters", "3000",
+        "--pgbench-seconds", "1",
+        "--pgbench-clients", "2",
+        "--statements", "3",
+    )  # fmt: skip
+    assert report["cycles_measured"] > 0 and report["hit_cycles_per_s"] > 0
+    assert report["errors"] == []
+    assert report["duplicates"]["questions_served_twice"] == 0
+    assert report["duplicates"]["answers_counted_twice"] == 0
+    assert report["ledger"]["within_budget"] and report["ledger"]["consistent"]
+    assert report["database"]["decisions_mismatch"] == 0
+    assert report["pgbench"]["insert_tps"] > 0
+    assert len(report["postgres_statements"]) == 3
+    assert set(report["cpu_ms_per_cycle"]) >= {"postgres", "gunicorn", "redis", "load", "total"}
+
+
+def test_bench_answer_storage_runs():
+    report = _run("bench_answer_storage.py", "--hits", "30", "--warmup", "5")
+    assert report["submissions_timed"] == 25
+    assert report["median_ms"]["rows_and_close_questions"] > 0
+    assert report["median_ms"]["one_array_row"] > 0
