@@ -215,7 +215,7 @@ def open_image(uri: str, settings: Settings, storage: Storage) -> PILImage.Image
     """
     if not isinstance(uri, str) or not uri:
         raise ValueError("image URI must be a non-empty string")
-    path = _path_under_image_root(uri, settings.image_root)
+    path = path_under_image_root(uri, settings.image_root)
     try:
         if path is not None:
             with PILImage.open(path) as picture:
@@ -238,7 +238,7 @@ def open_image(uri: str, settings: Settings, storage: Storage) -> PILImage.Image
         raise ValueError(f"image {uri!r} is not a readable image") from None
 
 
-def _path_under_image_root(uri: str, image_root: str) -> Path | None:
+def path_under_image_root(uri: str, image_root: str) -> Path | None:
     """The file a ``file://`` URI or a bare path names, if it lies under the image root."""
     if "://" in uri and not uri.startswith("file://"):
         return None

@@ -55,7 +55,7 @@ from service.engine.treefile import read_tree_file
 from service.export import AcceptedMask, accepted_masks, one_mask_per_object
 from service.jobs import JobContext
 from service.models import GroundTruthMask, Image, Project, Round, Split, Tree
-from service.render import _path_under_image_root, open_image
+from service.render import open_image, path_under_image_root
 from service.storage import Storage, StorageError
 from workers import model as mm
 
@@ -760,7 +760,7 @@ def fetch_checkpoint(ctx: JobContext, uri: str, project_id: int, directory: Path
             return download_checkpoint(ctx.storage, key, directory)
         except StorageError as exc:
             raise ValueError(f"checkpoint {uri!r} cannot be read from storage: {exc}") from None
-    path = _path_under_image_root(uri, ctx.settings.image_root)
+    path = path_under_image_root(uri, ctx.settings.image_root)
     if path is None:
         raise ValueError(
             f"checkpoint {uri!r} is neither in storage nor under the image root; refusing to read it"
