@@ -8,6 +8,7 @@ malformed JSON's 400, ...) and for anything unexpected (a 500 that logs the trac
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Any
 
 from flask import Flask, jsonify
@@ -95,6 +96,16 @@ def install(app: Flask) -> None:
 
     @app.errorhandler(DBAPIError)
     def _database_error(exc: DBAPIError):
+        if isinstance(exc.orig, sqlite3.OperationalError) and "database is locked" in str(exc.orig):
+            # SQLite (the embedded default) serialises writers; a request that read first and
+            # then found another writer (the in-process job runner) is refused at once. Nothing
+            # was written: ask the client to retry.
+            log.warning("SQLite refused a write: %s", exc.orig)
+            response = error_response(
+                503, "database_busy", "the database is busy with another write; retry the request"
+            )
+            response.headers["Retry-After"] = "1"
+            return response
         if not exc.connection_invalidated:
             return _unexpected(exc)
         # The server dropped the connection (restart, failover). Pooled connections are tested

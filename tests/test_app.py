@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
+from sqlalchemy import text
 
 from service import migrate
 from service.app import create_app
@@ -159,6 +161,45 @@ def test_500_never_leaks_a_traceback(settings):
     response = app.test_client().get("/boom")
     error = _assert_error(response, 500, "internal_error")
     assert "secret" not in error["message"]
+
+
+def test_sqlite_lock_refusal_is_a_503_not_a_500(sqlite_url, tmp_path):
+    """The embedded default refuses a write at once when another connection is writing: that
+    is a retryable 503 with Retry-After, never a 500. The lock is real: another connection holds
+    SQLite's write lock while the route reads and then tries to write."""
+    migrate.upgrade(sqlite_url)
+    app = create_app(
+        Settings(database_url=sqlite_url, storage_url=str(tmp_path / "s"), testing=True)
+    )
+    path = sqlite_url.removeprefix("sqlite:///")
+
+    @app.post("/write-after-read")
+    def write_after_read():
+        session = get_database(app).sessionmaker()
+        try:
+            # Wait 0.1 s for the lock, not the service's 30 s: the refusal is what is tested.
+            session.execute(text("PRAGMA busy_timeout = 100"))
+            session.execute(text("SELECT count(*) FROM api_keys")).scalar()
+            session.execute(
+                text("INSERT INTO api_keys (name, prefix, key_hash) VALUES ('x', 'x', 'x')")
+            )
+            session.commit()
+        finally:
+            session.close()
+        return {"ok": True}
+
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        response = app.test_client().post("/write-after-read")
+        error = _assert_error(response, 503, "database_busy")
+        assert "retry" in error["message"]
+        assert response.headers["Retry-After"] == "1"
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        get_database(app).dispose()
+    assert app.test_client().post("/write-after-read").status_code == 200
 
 
 def test_key_sees_only_its_own_projects(client, db):
