@@ -41,7 +41,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from sqlalchemy.orm import Session
 
-from service.crowd import CrowdError, CrowdParams
+from service.crowd import CrowdParams
 from service.crowd.decisions import (
     UNDECIDED,
     ClusterRow,
@@ -58,6 +58,8 @@ from service.crowd.hits import (
     campaign_info,
     needs_refill,
     new_public_id,
+    refuse_lapsed_lease,
+    refuse_unknown_questions,
     utcnow,
 )
 from service.crowd.quality import AssignmentStats, block_reason, judge
@@ -403,8 +405,7 @@ def submit(
     assignment_id, hit_id, status, lease, max_assignments = head[:5]
     worker_id, worker_correct, worker_total, worker_blocked = head[5:9]
     status = AssignmentStatus(status)
-    if status is AssignmentStatus.EXPIRED or (status is AssignmentStatus.CLAIMED and lease <= now):
-        raise CrowdError(409, "lease_expired", "the lease on this assignment has expired")
+    refuse_lapsed_lease(status, lease, now)
     questions: dict[str, _Question] = {}
     for qid, pid, kind, qstatus, cluster_id, expected, aid, value, ms in read:
         questions[pid] = _Question(
@@ -415,13 +416,7 @@ def submit(
             expected,
             None if aid is None else (aid, value, ms),
         )
-    unknown = sorted({pid for pid, _, _ in answers if pid not in questions})
-    if unknown:
-        raise CrowdError(
-            422,
-            "validation_error",
-            f"answers.question_id: not in this assignment: {', '.join(unknown[:5])}",
-        )
+    refuse_unknown_questions(answers, questions)
     if status is not AssignmentStatus.CLAIMED:
         return SubmitResult(0, len(answers), True, assignment_id, hit_id, False)
     new: dict[str, tuple[bool, int]] = {}

@@ -44,7 +44,7 @@ import logging
 import math
 import re
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -112,6 +112,8 @@ __all__ = [
     "question_payload",
     "record_answers",
     "refill",
+    "refuse_lapsed_lease",
+    "refuse_unknown_questions",
     "render_job_id",
     "retire_hits",
     "sampling_rng",
@@ -1195,6 +1197,25 @@ _HIT_QUESTIONS = (
 )
 
 
+def refuse_lapsed_lease(status: AssignmentStatus, lease: datetime, now: datetime) -> None:
+    """An assignment whose lease has run out takes no more answers (its questions went back)."""
+    if status is AssignmentStatus.EXPIRED or (status is AssignmentStatus.CLAIMED and lease <= now):
+        raise CrowdError(409, "lease_expired", "the lease on this assignment has expired")
+
+
+def refuse_unknown_questions(
+    answers: Sequence[tuple[str, bool, int]], known: Container[str]
+) -> None:
+    """Answers must name questions of the assignment's HIT (by public id)."""
+    unknown = sorted({pid for pid, _, _ in answers if pid not in known})
+    if unknown:
+        raise CrowdError(
+            422,
+            "validation_error",
+            f"answers.question_id: not in this assignment: {', '.join(unknown[:5])}",
+        )
+
+
 def record_answers(
     session: Session,
     worker_id: int,
@@ -1215,19 +1236,12 @@ def record_answers(
         raise CrowdError(404, "not_found", f"assignment {assignment_public_id} not found")
     assignment_id, hit_id, _, status, lease = row
     status, lease = AssignmentStatus(status), aware(lease)
-    if status is AssignmentStatus.EXPIRED or (status is AssignmentStatus.CLAIMED and lease <= now):
-        raise CrowdError(409, "lease_expired", "the lease on this assignment has expired")
+    refuse_lapsed_lease(status, lease, now)
     # The HIT's questions and which of them this assignment has answered already, in one read.
     rows_read = session.execute(_HIT_QUESTIONS, {"aid": assignment_id, "hid": hit_id}).all()
     questions = {r[0]: r[1] for r in rows_read}
     answered = {r[1] for r in rows_read if r[6] is not None}
-    unknown = sorted({pid for pid, _, _ in answers if pid not in questions})
-    if unknown:
-        raise CrowdError(
-            422,
-            "validation_error",
-            f"answers.question_id: not in this assignment: {', '.join(unknown[:5])}",
-        )
+    refuse_unknown_questions(answers, questions)
     if status is not AssignmentStatus.CLAIMED:
         return SubmitResult(0, len(answers), True, assignment_id, hit_id, False)
     rows: dict[int, tuple[int, bool, int]] = {}
