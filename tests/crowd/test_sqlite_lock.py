@@ -11,11 +11,8 @@ import time
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from service import migrate
 from service.api.work import _retryable
-from service.app import create_app
 from service.db import get_database
-from service.settings import Settings
 from tests.crowd.world import (
     add_gold,
     add_tree,
@@ -34,49 +31,35 @@ def test_sqlite_lock_errors_are_retryable_and_others_are_not():
     assert not _retryable(broken)
 
 
-def test_a_claim_waits_out_another_writer(tmp_path):
-    path = tmp_path / "maskmill.db"
-    url = f"sqlite:///{path}"
-    migrate.upgrade(url)
-    app = create_app(
-        Settings(
-            database_url=url,
-            storage_url=str(tmp_path / "storage"),
-            image_root=str(tmp_path / "images"),
-            secret_key="test",
-            testing=True,
-        )
-    )
-    try:
-        client = app.test_client()
-        with get_database(app).session() as db:
-            world = make_world(client, db, name="locked")
-            scores, truth = block_world("GBGB")
-            add_tree(db, world, scores, truth)
-            add_gold(db, world, [True, False])
-            worker = invite(client, world)
-            qualify_directly(db, worker["worker_id"])
-            world.campaign(client, questions_per_hit=10, gold_per_hit=2)
+def test_a_claim_waits_out_another_writer(sqlite_app):
+    path = get_database(sqlite_app).url.removeprefix("sqlite:///")
+    client = sqlite_app.test_client()
+    with get_database(sqlite_app).session() as db:
+        world = make_world(client, db, name="locked")
+        scores, truth = block_world("GBGB")
+        add_tree(db, world, scores, truth)
+        add_gold(db, world, [True, False])
+        worker = invite(client, world)
+        qualify_directly(db, worker["worker_id"])
+        world.campaign(client, questions_per_hit=10, gold_per_hit=2)
 
-            holding = threading.Event()
+        holding = threading.Event()
 
-            def writer() -> None:
-                other = sqlite3.connect(path, isolation_level=None)
-                other.execute("BEGIN IMMEDIATE")  # the write lock, as a job runner's commit holds
-                holding.set()
-                time.sleep(0.15)
-                other.execute("COMMIT")
-                other.close()
+        def writer() -> None:
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # the write lock, as a job runner's commit holds
+            holding.set()
+            time.sleep(0.15)
+            other.execute("COMMIT")
+            other.close()
 
-            thread = threading.Thread(target=writer)
-            thread.start()
-            assert holding.wait(5)
-            # The request reads the worker first, then must write: SQLite refuses that upgrade at
-            # once while the other connection writes, and the request retries until it can.
-            assert do_hit(client, db, world, worker["token"]) is not None
-            thread.join(5)
-    finally:
-        get_database(app).dispose()
+        thread = threading.Thread(target=writer)
+        thread.start()
+        assert holding.wait(5)
+        # The request reads the worker first, then must write: SQLite refuses that upgrade at
+        # once while the other connection writes, and the request retries until it can.
+        assert do_hit(client, db, world, worker["token"]) is not None
+        thread.join(5)
 
 
 def test_the_message_sqlite_uses_is_the_one_matched(tmp_path):
