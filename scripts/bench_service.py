@@ -508,34 +508,26 @@ class KeepAlive:
         self.sock.close()
 
 
-def _virtual_worker(
-    port: int,
-    token: str,
-    stop_at: float,
-    cycles: list,
-    errors: list,
-    served: set,
-    assignments: set,
-    counters: Counter,
-    lock: threading.Lock,
-) -> None:
+@dataclass
+class _Tally:
+    """What the virtual workers of the load process record, shared under one lock."""
+
+    cycles: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+    served: set = field(default_factory=set)
+    assignments: set = field(default_factory=set)
+    counters: Counter = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _virtual_worker(port: int, token: str, stop_at: float, tally: _Tally) -> None:
     try:
-        _cycles(port, token, stop_at, cycles, errors, served, assignments, counters, lock)
+        _cycles(port, token, stop_at, tally)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:  # reported, not raised
-        errors.append(f"virtual worker stopped: {type(exc).__name__}: {exc}")
+        tally.errors.append(f"virtual worker stopped: {type(exc).__name__}: {exc}")
 
 
-def _cycles(
-    port: int,
-    token: str,
-    stop_at: float,
-    cycles: list,
-    errors: list,
-    served: set,
-    assignments: set,
-    counters: Counter,
-    lock: threading.Lock,
-) -> None:
+def _cycles(port: int, token: str, stop_at: float, tally: _Tally) -> None:
     """Claim a HIT, answer all of it, again, until ``stop_at``; one keep-alive connection."""
     client = KeepAlive(port, {"X-Worker-Token": token, "Content-Type": "application/json"})
     while time.monotonic() < stop_at:
@@ -543,56 +535,47 @@ def _cycles(
         status, raw = client.post("/api/v1/work/assignments")
         t1 = time.perf_counter()
         if status == 409 and b"no_work" in raw:
-            with lock:
-                counters["no_work"] += 1
+            with tally.lock:
+                tally.counters["no_work"] += 1
             time.sleep(0.01)
             continue
         if status != 200:
-            errors.append(f"claim {status}: {raw[:200]!r}")
+            tally.errors.append(f"claim {status}: {raw[:200]!r}")
             time.sleep(0.05)
             continue
         hit = json.loads(raw)
         ids = [q["id"] for q in hit["questions"]]
-        with lock:
-            if hit["assignment_id"] in assignments:
-                counters["resumed"] += 1
+        with tally.lock:
+            if hit["assignment_id"] in tally.assignments:
+                tally.counters["resumed"] += 1
             else:
-                assignments.add(hit["assignment_id"])
+                tally.assignments.add(hit["assignment_id"])
                 for qid in ids:
-                    if qid in served:
-                        counters["served_twice"] += 1
-                    served.add(qid)
+                    if qid in tally.served:
+                        tally.counters["served_twice"] += 1
+                    tally.served.add(qid)
         body = json.dumps(
             {"answers": [{"question_id": qid, "value": True, "ms": ANSWER_MS} for qid in ids]}
         ).encode()
         status, raw = client.post(f"/api/v1/work/assignments/{hit['assignment_id']}/answers", body)
         t2 = time.perf_counter()
         if status != 200:
-            errors.append(f"submit {status}: {raw[:200]!r}")
+            tally.errors.append(f"submit {status}: {raw[:200]!r}")
             continue
         ack = json.loads(raw)
         if ack["duplicates"]:
-            with lock:
-                counters["acknowledged_duplicates"] += ack["duplicates"]
+            with tally.lock:
+                tally.counters["acknowledged_duplicates"] += ack["duplicates"]
         # perf_counter and monotonic are the same clock on Linux (CLOCK_MONOTONIC).
-        cycles.append((t2, t1 - t0, t2 - t1, ack["accepted"]))
+        tally.cycles.append((t2, t1 - t0, t2 - t1, ack["accepted"]))
     client.close()
 
 
 def run_load(port: int, tokens: list[str], stop_at: float, out: mp.Queue) -> None:
     """The load process: one thread per virtual worker until ``stop_at`` (a monotonic time)."""
-    cycles: list = []
-    errors: list = []
-    served: set = set()
-    assignments: set = set()
-    counters: Counter = Counter()
-    lock = threading.Lock()
+    tally = _Tally()
     threads = [
-        threading.Thread(
-            target=_virtual_worker,
-            args=(port, t, stop_at, cycles, errors, served, assignments, counters, lock),
-            daemon=True,
-        )
+        threading.Thread(target=_virtual_worker, args=(port, t, stop_at, tally), daemon=True)
         for t in tokens
     ]
     for t in threads:
@@ -601,12 +584,13 @@ def run_load(port: int, tokens: list[str], stop_at: float, out: mp.Queue) -> Non
         t.join()
     out.put(
         LoadResult(
-            cycles,
-            counters["no_work"],
-            errors[:20] + ([f"... {len(errors) - 20} more"] if len(errors) > 20 else []),
-            counters["served_twice"],
-            counters["resumed"],
-            counters["acknowledged_duplicates"],
+            tally.cycles,
+            tally.counters["no_work"],
+            tally.errors[:20]
+            + ([f"... {len(tally.errors) - 20} more"] if len(tally.errors) > 20 else []),
+            tally.counters["served_twice"],
+            tally.counters["resumed"],
+            tally.counters["acknowledged_duplicates"],
         )
     )
 
