@@ -35,29 +35,11 @@ from service.models import (
     QuestionStatus,
 )
 from tests.crowd.world import (
-    add_gold,
-    add_tree,
-    block_world,
+    campaign_world,
     correct_answers,
     do_hit,
-    invite,
-    make_world,
-    qualify_directly,
     worker_headers,
 )
-
-
-def _world(client, db, name, blocks="GLGLGLGL", **campaign):
-    world = make_world(client, db, name=name)
-    scores, truth = block_world(blocks)
-    add_tree(db, world, scores, truth)
-    add_gold(db, world, [True, False, True])
-    body = {"questions_per_hit": 10, "gold_per_hit": 2}
-    body.update(campaign)
-    created = world.campaign(client, **body)
-    worker = invite(client, world)
-    qualify_directly(db, worker["worker_id"])
-    return world, created, worker
 
 
 def _open_counts_agree(db, tree_id: int) -> None:
@@ -83,7 +65,7 @@ def _open_counts_agree(db, tree_id: int) -> None:
 def test_a_cycle_is_served_by_the_fast_path(client, db, monkeypatch):
     """After the first claim (which builds), claims and submissions never reach the portable
     functions, and leave exactly the rows and money movements the portable code leaves."""
-    world, campaign, worker = _world(client, db, "fast")
+    world, campaign, worker = campaign_world(client, db, "fast")
     assert do_hit(client, db, world, worker["token"]) is not None  # builds the first batch
 
     def portable(*_args, **_kwargs):
@@ -121,7 +103,7 @@ def test_a_cycle_is_served_by_the_fast_path(client, db, monkeypatch):
 def test_the_fast_path_counts_and_decides_like_the_engine(client, db):
     """Clusters decided by fast submissions: each decided cluster's counts are its answered
     questions' labels and its state is the policy's decision for them."""
-    world, _, worker = _world(client, db, "decide", blocks="GLBLGLBL", questions_per_hit=15)
+    world, _, worker = campaign_world(client, db, "decide", blocks="GLBLGLBL", questions_per_hit=15)
     while do_hit(client, db, world, worker["token"]) is not None:
         pass
     states = dict(
@@ -142,7 +124,7 @@ def test_the_fast_path_counts_and_decides_like_the_engine(client, db):
 
 
 def test_a_pool_running_low_is_refilled_after_the_response(client, db):
-    _, campaign, worker = _world(
+    _, campaign, worker = campaign_world(
         client, db, "refill", "GL" * 8, params={"hits_per_build": 2, "build_batch_hits": 4}
     )
     headers = worker_headers(worker["token"])
@@ -176,7 +158,7 @@ def test_refills_only_when_less_than_a_batch_is_left():
 def test_a_busy_assignment_falls_back_and_waits(client, db, postgres, migrated_pg_url, monkeypatch):
     """A submission that finds its assignment row locked (a concurrent post of the same
     assignment) is served by the portable path, which waits for the lock."""
-    world, _, worker = _world(client, db, "busy")
+    world, _, worker = campaign_world(client, db, "busy")
     headers = worker_headers(worker["token"])
     portable_calls: list = []
     original = hits.record_answers
@@ -224,7 +206,7 @@ def test_a_busy_assignment_falls_back_and_waits(client, db, postgres, migrated_p
 
 
 def test_the_claim_payload_is_stored_once_and_sent_verbatim(client, db):
-    _, _, worker = _world(client, db, "payload")
+    _, _, worker = campaign_world(client, db, "payload")
     response = client.post("/api/v1/work/assignments", headers=worker_headers(worker["token"]))
     claim = response.get_json()
     assert list(claim) == ["answered", "assignment_id", "lease_expires_at", "questions"]

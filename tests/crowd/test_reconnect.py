@@ -10,15 +10,7 @@ from sqlalchemy import text
 from service import db as service_db
 from service.app import create_app
 from service.db import get_database, make_engine
-from tests.crowd.world import (
-    add_gold,
-    add_tree,
-    block_world,
-    do_hit,
-    invite,
-    make_world,
-    qualify_directly,
-)
+from tests.crowd.world import campaign_world, do_hit
 from tests.helpers import new_key
 
 
@@ -34,13 +26,8 @@ def _terminate_others(database_url: str) -> int:
 
 
 def test_worker_requests_survive_dropped_connections(client, db, settings):
-    world = make_world(client, db, name="reconnect")
-    scores, truth = block_world("GB" * 8)  # the root and its parts must split: work for 3 HITs
-    add_tree(db, world, scores, truth)
-    add_gold(db, world, [True, False])
-    world.campaign(client, questions_per_hit=10, gold_per_hit=2)
-    worker = invite(client, world)
-    qualify_directly(db, worker["worker_id"])
+    # The root and its parts must split: work for 3 HITs.
+    world, _, worker = campaign_world(client, db, "reconnect", "GB" * 8, gold=(True, False))
     assert do_hit(client, db, world, worker["token"]) is not None
     db.close()
 

@@ -35,18 +35,9 @@ CAMPAIGN = {
 
 
 @pytest.fixture(scope="module")
-def settings(migrated_pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+def settings(settings: Settings) -> Settings:
     """Not a ``testing`` app: a testing app records no render jobs (see ``hits._job_settings``)."""
-    root = tmp_path_factory.mktemp("render-ahead")
-    return Settings(
-        database_url=migrated_pg_url,
-        storage_url=str(root / "storage"),
-        image_root=str(root / "images"),
-        max_body_bytes=1024 * 1024,
-        secret_key="test-secret",
-        job_retry_delays=(),
-        testing=False,
-    )
+    return settings.replace(job_retry_delays=(), testing=False)
 
 
 @pytest.fixture()
@@ -256,28 +247,11 @@ def test_a_missing_tree_file_fails_its_questions_with_one_warning(
 
 
 def test_a_batch_built_ahead_after_the_response_records_its_render_job_too(app, client, db):
-    from tests.crowd.world import (
-        add_gold,
-        add_tree,
-        block_world,
-        invite,
-        make_world,
-        qualify_directly,
-        worker_headers,
-    )
+    from tests.crowd.world import campaign_world, worker_headers
 
-    world = make_world(client, db, name="ahead")
-    scores, truth = block_world("GL" * 8)
-    add_tree(db, world, scores, truth)
-    add_gold(db, world, [True, False, True])
-    campaign = world.campaign(
-        client,
-        questions_per_hit=10,
-        gold_per_hit=2,
-        params={"hits_per_build": 2, "build_batch_hits": 4},
+    _, campaign, worker = campaign_world(
+        client, db, "ahead", "GL" * 8, params={"hits_per_build": 2, "build_batch_hits": 4}
     )
-    worker = invite(client, world)
-    qualify_directly(db, worker["worker_id"])
     headers = worker_headers(worker["token"])
     first = client.post("/api/v1/work/assignments", headers=headers)
     assert first.status_code == 200  # no open HIT: this claim built a batch of 4, took one

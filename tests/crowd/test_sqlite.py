@@ -6,13 +6,8 @@ from __future__ import annotations
 from service.db import get_database
 from service.models import ClusterState
 from tests.crowd.world import (
-    add_gold,
-    add_tree,
-    block_world,
+    campaign_world,
     do_hit,
-    invite,
-    make_world,
-    qualify_directly,
     ranges,
 )
 
@@ -20,13 +15,7 @@ from tests.crowd.world import (
 def test_a_campaign_runs_to_the_end_on_sqlite(sqlite_app):
     client = sqlite_app.test_client()
     with get_database(sqlite_app).session() as db:
-        world = make_world(client, db, name="lite")
-        scores, truth = block_world("GLBL")
-        add_tree(db, world, scores, truth)
-        add_gold(db, world, [True, False])
-        worker = invite(client, world)
-        qualify_directly(db, worker["worker_id"])
-        campaign = world.campaign(client, questions_per_hit=10, gold_per_hit=2)
+        world, campaign, worker = campaign_world(client, db, "lite", "GLBL", gold=(True, False))
         while do_hit(client, db, world, worker["token"]) is not None:
             pass
         assert ranges(db, world, ClusterState.ACCEPTED) == {(0, 16)}

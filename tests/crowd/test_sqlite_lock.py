@@ -13,15 +13,7 @@ from sqlalchemy.exc import OperationalError
 
 from service.api.work import _retryable
 from service.db import get_database
-from tests.crowd.world import (
-    add_gold,
-    add_tree,
-    block_world,
-    do_hit,
-    invite,
-    make_world,
-    qualify_directly,
-)
+from tests.crowd.world import campaign_world, do_hit
 
 
 def test_sqlite_lock_errors_are_retryable_and_others_are_not():
@@ -35,13 +27,7 @@ def test_a_claim_waits_out_another_writer(sqlite_app):
     path = get_database(sqlite_app).url.removeprefix("sqlite:///")
     client = sqlite_app.test_client()
     with get_database(sqlite_app).session() as db:
-        world = make_world(client, db, name="locked")
-        scores, truth = block_world("GBGB")
-        add_tree(db, world, scores, truth)
-        add_gold(db, world, [True, False])
-        worker = invite(client, world)
-        qualify_directly(db, worker["worker_id"])
-        world.campaign(client, questions_per_hit=10, gold_per_hit=2)
+        world, _, worker = campaign_world(client, db, "locked", "GBGB", gold=(True, False))
 
         holding = threading.Event()
 

@@ -217,6 +217,27 @@ def qualify_directly(db: Session, worker_id: int) -> None:
     db.commit()
 
 
+def campaign_world(
+    client: FlaskClient,
+    db: Session,
+    name: str,
+    blocks: str = "GLGLGLGL",
+    gold: tuple[bool, ...] = (True, False, True),
+    **campaign: Any,
+) -> tuple[World, dict[str, Any], dict[str, Any]]:
+    """A project with a tree of ``blocks``, gold items, a running campaign (10 questions per HIT,
+    2 of them gold, unless ``campaign`` says otherwise) and one qualified local worker:
+    ``(world, campaign, worker invite)``."""
+    world = make_world(client, db, name=name)
+    scores, truth = block_world(blocks)
+    add_tree(db, world, scores, truth)
+    add_gold(db, world, list(gold))
+    created = world.campaign(client, **{"questions_per_hit": 10, "gold_per_hit": 2, **campaign})
+    worker = invite(client, world)
+    qualify_directly(db, worker["worker_id"])
+    return world, created, worker
+
+
 def worker_headers(token: str) -> dict[str, str]:
     return {"X-Worker-Token": token}
 
