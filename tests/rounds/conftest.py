@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from service.app import create_app
 from service.db import get_database
 from tests.rounds.helpers import CLASSES, SIZE
 from workers import synthetic
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> Iterator[None]:
+    """Training and detection use two threads here, whatever torch would pick."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

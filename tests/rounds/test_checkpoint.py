@@ -10,7 +10,6 @@ an error that says what is wrong with the file.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,6 @@ from tests.helpers import new_key
 from tests.rounds.helpers import TINY_MODEL, make_project, round_status
 from workers import model as mm
 from workers import train as train_job
-
-
-@pytest.fixture(autouse=True)
-def _threads() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -53,15 +53,6 @@ from workers.detect import (
     shard_key,
 )
 
-
-@pytest.fixture(autouse=True)
-def _threads() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ------------------------------------------------------------------------------ RQ pipeline
 
 

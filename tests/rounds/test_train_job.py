@@ -5,11 +5,9 @@ resume file does not wedge the job, and bad options are refused by name before a
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
 
 from service.db import get_database
 from service.jobs import TransientJobError, job_context_for_tests
@@ -19,14 +17,6 @@ from tests.helpers import new_key
 from tests.rounds.helpers import TINY_MODEL, make_project
 from workers import model as mm
 from workers import train as train_job
-
-
-@pytest.fixture(autouse=True)
-def _threads() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture()
