@@ -141,6 +141,26 @@ def test_rq_job_runs_on_real_redis(db, rq_settings, monkeypatch):
     assert job.status is JobStatus.FINISHED and job.progress["result"] == {"value": 10}
 
 
+def test_rq_dispatcher_is_shared_and_keeps_its_connection(
+    db, rq_settings, redis_server, monkeypatch
+):
+    """Every dispatch of a process goes through one Redis connection pool (a new client per
+    dispatch paid a connection and handshake per built batch of HITs)."""
+    monkeypatch.setenv("MASKMILL_DATABASE_URL", rq_settings.database_url)
+    dispatcher = jobs.dispatcher_for(rq_settings)
+    assert jobs.dispatcher_for(rq_settings.replace()) is dispatcher
+    observer = Redis.from_url(redis_server.url)
+    before = observer.info("stats")["total_connections_received"]
+    for n in range(5):
+        enqueue(db, rq_settings, "tests.test_jobs.echo", job_id=f"rq-shared-{n}", value=n)
+    after = observer.info("stats")["total_connections_received"]
+    observer.close()
+    assert after - before <= 1  # at most the pool's first connection, then reused
+    assert Queue("cpu", connection=dispatcher.connection).count == 5
+    _work(rq_settings)
+    assert all(_status(db, f"rq-shared-{n}").status is JobStatus.FINISHED for n in range(5))
+
+
 def test_rq_transient_failure_retried_then_reported(db, rq_settings, monkeypatch):
     monkeypatch.setenv("MASKMILL_DATABASE_URL", rq_settings.database_url)
     enqueue(db, rq_settings, "tests.test_jobs.flaky", job_id="rq-flaky", key="c", failures=9)

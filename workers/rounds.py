@@ -156,11 +156,8 @@ def _dispatch_if_lost(settings: Settings, job: Job) -> None:
         return
     from rq.job import Job as RQJob
 
-    try:
-        if not RQJob.exists(job.id, connection=dispatcher.connection):
-            dispatcher.dispatch(job)
-    finally:
-        dispatcher.shutdown()
+    if not RQJob.exists(job.id, connection=dispatcher.connection):
+        dispatcher.dispatch(job)
 
 
 def _round(ctx: JobContext, round_id: int) -> tuple[int, int]:
