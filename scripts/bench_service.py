@@ -15,14 +15,17 @@ What runs where, all on loopback:
 
 * PostgreSQL: :class:`service.devservers.PostgresServer` (throwaway, ``fsync=off`` and
   ``synchronous_commit=off`` like the test suite unless ``--fsync``);
-* the web service: gunicorn ``gthread`` serving ``service.app:create_app()`` configured by
-  ``MASKMILL_*`` variables; 2 workers x 2 threads by default (about two requests in flight per
-  core measured best on 2 cores: more threads add GIL hand-offs and row-lock queues, not
-  throughput);
+* the web service: gunicorn serving ``service.app:create_app()`` configured by ``MASKMILL_*``
+  variables, in the shape docker-compose deploys (``deploy/gunicorn.conf.py``): ``sync``
+  workers, one per core plus one, each request taken by a free process (behind nginx in a
+  deployment; the proxy is not run here). ``--gunicorn-class gthread`` measures the shape for
+  gunicorn facing clients directly (2 workers x 2 threads by default: about two requests in
+  flight per core measured best on 2 cores);
 * Redis (:class:`service.devservers.RedisServer`): each built batch of HITs queues its render
   job in RQ, as in a deployment where job workers render overlays; no job worker runs here;
 * the load: another process (``multiprocessing``), one thread per virtual worker, each with a
-  keep-alive HTTP/1.1 connection (a minimal client, :class:`KeepAlive`, so the load generator
+  keep-alive HTTP/1.1 connection when the server keeps it (``sync`` workers close it after each
+  response, as they do with a proxy) (a minimal client, :class:`KeepAlive`, so the load generator
   takes as little as possible of the CPU it shares with the service), answering "yes" to
   everything in 1.5 s per question
   (the seeded gold is all "yes", so every assignment is approved and every cluster is accepted
@@ -93,6 +96,7 @@ class Options:
     clusters: int
     gunicorn_workers: int
     gunicorn_threads: int
+    gunicorn_class: str
     pgbench_seconds: float
     pgbench_clients: int
     fsync: bool
@@ -112,8 +116,16 @@ def parse_args(argv: list[str] | None = None) -> Options:
         default=0,
         help="candidate clusters to seed (0: enough for the duration at twice the target rate)",
     )
-    parser.add_argument("--gunicorn-workers", type=int, default=2)
-    parser.add_argument("--gunicorn-threads", type=int, default=2)
+    parser.add_argument(
+        "--gunicorn-class",
+        choices=("sync", "gthread"),
+        default="sync",
+        help="gunicorn worker class (default: sync, the shape behind the proxy)",
+    )
+    parser.add_argument(
+        "--gunicorn-workers", type=int, help="default: cores + 1 (sync), 2 (gthread)"
+    )
+    parser.add_argument("--gunicorn-threads", type=int, help="default: 1 (sync), 2 (gthread)")
     parser.add_argument("--pgbench-seconds", type=float, default=10.0)
     parser.add_argument("--pgbench-clients", type=int, default=8)
     parser.add_argument(
@@ -141,8 +153,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
     if args.warmup < 0:
         raise SystemExit("--warmup must be >= 0")
     for name in ("virtual_workers", "gunicorn_workers", "gunicorn_threads", "pgbench_clients"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    sync, cores = args.gunicorn_class == "sync", os.cpu_count() or 1
+    if sync and (args.gunicorn_threads or 1) != 1:
+        raise SystemExit("--gunicorn-threads applies to gthread workers (sync: one request each)")
     if args.clusters < 0:
         raise SystemExit("--clusters must be >= 0")
     clusters = args.clusters or _clusters_needed(args.duration + args.warmup)
@@ -160,8 +175,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
         warmup=args.warmup,
         virtual_workers=args.virtual_workers,
         clusters=clusters,
-        gunicorn_workers=args.gunicorn_workers,
-        gunicorn_threads=args.gunicorn_threads,
+        gunicorn_workers=args.gunicorn_workers or (cores + 1 if sync else 2),
+        gunicorn_threads=args.gunicorn_threads or (1 if sync else 2),
+        gunicorn_class=args.gunicorn_class,
         pgbench_seconds=args.pgbench_seconds,
         pgbench_clients=args.pgbench_clients,
         fsync=args.fsync,
@@ -362,7 +378,7 @@ def start_gunicorn(
             "--threads",
             str(options.gunicorn_threads),
             "--worker-class",
-            "gthread",
+            options.gunicorn_class,
             "--bind",
             f"127.0.0.1:{port}",
             "--keep-alive",
@@ -474,12 +490,15 @@ class KeepAlive:
     """
 
     def __init__(self, port: int, headers: dict[str, str]) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.port = port
+        self.sock = None
         self.head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         self.buffer = b""
 
     def post(self, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        if self.sock is None:
+            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         request = (
             f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{self.head}"
             f"Content-Length: {len(body)}\r\n\r\n"
@@ -496,6 +515,8 @@ class KeepAlive:
         while len(self.buffer) < size:
             self._read()
         body, self.buffer = self.buffer[end + 4 : size], self.buffer[size:]
+        if re.search(r"(?im)^connection:\s*close", head):
+            self.close()
         return status, body
 
     def _read(self) -> None:
@@ -505,7 +526,10 @@ class KeepAlive:
         self.buffer += chunk
 
     def close(self) -> None:
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.buffer = b""
 
 
 @dataclass
@@ -985,7 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
                 "warmup_s": options.warmup,
                 "virtual_workers": options.virtual_workers,
                 "clusters": options.clusters,
-                "gunicorn": f"{options.gunicorn_workers} workers x {options.gunicorn_threads} threads (gthread)",
+                "gunicorn": f"{options.gunicorn_workers} workers x {options.gunicorn_threads} threads ({options.gunicorn_class})",
                 "postgres_fsync": options.fsync,
                 "campaign_params": options.campaign_params,
             },

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -23,9 +25,13 @@ def _run(script: str, *args: str, timeout: float = 240) -> dict:
     return json.loads(done.stdout)
 
 
-def test_bench_service_runs_and_checks_the_database():
+@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+def test_bench_service_runs_and_checks_the_database(worker_class):
+    """Both server shapes: sync workers close the connection after every response (the load's
+    client reconnects), gthread workers keep it alive."""
     report = _run(
         "bench_service.py",
+        "--gunicorn-class", worker_class,
         "--duration", "3",
         "--warmup", "1",
         "--virtual-workers", "3",
@@ -43,6 +49,7 @@ def test_bench_service_runs_and_checks_the_database():
     assert report["pgbench"]["insert_tps"] > 0
     assert len(report["postgres_statements"]) == 3
     assert set(report["cpu_ms_per_cycle"]) >= {"postgres", "gunicorn", "redis", "load", "total"}
+    assert report["config"]["gunicorn"].endswith(f"({worker_class})")
 
 
 def test_bench_answer_storage_runs():
