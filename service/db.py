@@ -41,6 +41,20 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
+            # Transactions are begun by the hook below, not by the driver (which would begin
+            # one only before a write, leaving the reads before it outside the transaction).
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(connection) -> None:
+            # Every transaction takes SQLite's one write lock when it begins, waiting for it
+            # (busy_timeout) if another connection holds it. A transaction that began deferred,
+            # read, and then wrote would have to upgrade a snapshot another connection may have
+            # written past meanwhile, which SQLite refuses at once ("database is locked")
+            # instead of waiting. Serialising transactions costs the embedded default nothing
+            # it had: SQLite runs one writer at a time anyway, and reads stay consistent with
+            # the writes they lead to.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     engine = create_engine(url, echo=echo, pool_size=10, max_overflow=20)

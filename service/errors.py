@@ -97,9 +97,9 @@ def install(app: Flask) -> None:
     @app.errorhandler(DBAPIError)
     def _database_error(exc: DBAPIError):
         if isinstance(exc.orig, sqlite3.OperationalError) and "database is locked" in str(exc.orig):
-            # SQLite (the embedded default) serialises writers; a request that read first and
-            # then found another writer (the in-process job runner) is refused at once. Nothing
-            # was written: ask the client to retry.
+            # SQLite (the embedded default) runs one transaction at a time (service.db begins
+            # each IMMEDIATE); one that waited out the busy timeout for another connection's
+            # lock gets here. Nothing was written: ask the client to retry.
             log.warning("SQLite refused a write: %s", exc.orig)
             response = error_response(
                 503, "database_busy", "the database is busy with another write; retry the request"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 
 import pytest
-from sqlalchemy import text
+from flask import request
 
 from service import migrate
 from service.app import create_app
@@ -163,35 +164,62 @@ def test_500_never_leaks_a_traceback(settings):
     assert "secret" not in error["message"]
 
 
-def test_sqlite_lock_refusal_is_a_503_not_a_500(sqlite_url, tmp_path):
-    """The embedded default refuses a write at once when another connection is writing: that
-    is a retryable 503 with Retry-After, never a 500. The lock is real: another connection holds
-    SQLite's write lock while the route reads and then tries to write."""
+def _sqlite_app_with_write_route(sqlite_url, tmp_path):
+    """An embedded-default app with a route that reads, then writes, in one transaction; the
+    route waits ``?wait_ms=`` for SQLite's write lock (the service waits 30 s)."""
     migrate.upgrade(sqlite_url)
     app = create_app(
         Settings(database_url=sqlite_url, storage_url=str(tmp_path / "s"), testing=True)
     )
-    path = sqlite_url.removeprefix("sqlite:///")
 
     @app.post("/write-after-read")
     def write_after_read():
-        session = get_database(app).sessionmaker()
-        try:
-            # Wait 0.1 s for the lock, not the service's 30 s: the refusal is what is tested.
-            session.execute(text("PRAGMA busy_timeout = 100"))
-            session.execute(text("SELECT count(*) FROM api_keys")).scalar()
-            session.execute(
-                text("INSERT INTO api_keys (name, prefix, key_hash) VALUES ('x', 'x', 'x')")
-            )
-            session.commit()
-        finally:
-            session.close()
+        with get_database(app).engine.connect() as connection:
+            # Set on the driver's connection before the transaction (and its BEGIN) starts.
+            driver = connection.connection.driver_connection
+            driver.execute(f"PRAGMA busy_timeout = {int(request.args['wait_ms'])}")
+            try:
+                with connection.begin_nested():  # a savepoint, as a HIT build takes
+                    connection.exec_driver_sql("SELECT count(*) FROM api_keys").scalar()
+                    connection.exec_driver_sql(
+                        "INSERT INTO api_keys (name, prefix, key_hash) VALUES ('x', 'x', 'x')"
+                    )
+                connection.commit()
+            finally:
+                driver.execute("PRAGMA busy_timeout = 30000")
         return {"ok": True}
 
+    return app, sqlite_url.removeprefix("sqlite:///")
+
+
+def test_sqlite_write_waits_for_another_writer(sqlite_url, tmp_path):
+    """A transaction that reads and then writes waits for another connection's write lock
+    (every SQLite transaction begins IMMEDIATE) instead of failing at the write: a deferred one
+    would be refused its upgrade at once ("database is locked")."""
+    app, path = _sqlite_app_with_write_route(sqlite_url, tmp_path)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO api_keys (name, prefix, key_hash) VALUES ('y', 'y', 'y')")
+    released = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    released.start()
+    try:
+        response = app.test_client().post("/write-after-read?wait_ms=10000")
+        assert response.status_code == 200, response.get_data(as_text=True)
+    finally:
+        released.join()
+        other.close()
+    keys = sqlite3.connect(path).execute("SELECT count(*) FROM api_keys").fetchone()[0]
+    assert keys == 2
+
+
+def test_sqlite_lock_refusal_is_a_503_not_a_500(sqlite_url, tmp_path):
+    """A write lock held longer than the wait is a retryable 503 with Retry-After, never a 500.
+    The lock is real: another connection holds SQLite's write lock throughout."""
+    app, path = _sqlite_app_with_write_route(sqlite_url, tmp_path)
     other = sqlite3.connect(path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")
-        response = app.test_client().post("/write-after-read")
+        response = app.test_client().post("/write-after-read?wait_ms=100")
         error = _assert_error(response, 503, "database_busy")
         assert "retry" in error["message"]
         assert response.headers["Retry-After"] == "1"
@@ -199,7 +227,7 @@ def test_sqlite_lock_refusal_is_a_503_not_a_500(sqlite_url, tmp_path):
         other.execute("ROLLBACK")
         other.close()
         get_database(app).dispose()
-    assert app.test_client().post("/write-after-read").status_code == 200
+    assert app.test_client().post("/write-after-read?wait_ms=1000").status_code == 200
 
 
 def test_key_sees_only_its_own_projects(client, db):

@@ -73,9 +73,8 @@ def _crowd_error(exc: CrowdError):
 
 def _retryable(exc: DBAPIError | psycopg.Error) -> bool:
     """A deadlock or serialization failure, raised through SQLAlchemy or (fast path) by psycopg;
-    or, on SQLite, a transaction that read first and then found another connection writing
-    (SQLite refuses the upgrade to a write lock at once rather than risk a deadlock, whatever
-    the busy timeout; the embedded default's job runner writes from its own thread)."""
+    or, on SQLite, a transaction that waited out the busy timeout for the write lock (every
+    SQLite transaction takes it when it begins, :mod:`service.db`)."""
     error = exc.orig if isinstance(exc, DBAPIError) else exc
     if isinstance(error, sqlite3.OperationalError):
         return "database is locked" in str(error)

@@ -1,6 +1,6 @@
 """On SQLite (the embedded default), a worker request that finds another connection writing --
-the in-process job runner, another request thread -- waits and retries instead of failing with
-"database is locked"."""
+the in-process job runner, another request thread -- waits (and, past the busy timeout, retries)
+instead of failing with "database is locked"."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def test_a_claim_waits_out_another_writer(sqlite_app):
         thread = threading.Thread(target=writer)
         thread.start()
         assert holding.wait(5)
-        # The request reads the worker first, then must write: SQLite refuses that upgrade at
-        # once while the other connection writes, and the request retries until it can.
+        # The request's transaction waits for the other connection's write lock (it begins
+        # IMMEDIATE), then reads and writes.
         assert do_hit(client, db, world, worker["token"]) is not None
         thread.join(5)
 
