@@ -218,9 +218,7 @@ def _utc(moment: datetime) -> datetime:
 # ------------------------------------------------------------------------------------ submit
 
 # One statement, one round trip: lock the assignment (``NOWAIT``) and read its HIT's questions,
-# as arrays in the same row (one row of a few arrays converts faster than 55 rows), and, if the
-# submission may complete the HIT, the HIT's clusters (their states are predicted from them,
-# see :func:`_complete`). The lock is
+# as arrays in the same row (one row of a few arrays converts faster than 55 rows). The lock is
 # taken in a CTE, which PostgreSQL materialises, so the questions are read only for a row this
 # transaction holds. They are read with the statement's snapshot, which may predate a
 # concurrent submission that committed just before the lock was granted: its answers then look
@@ -253,7 +251,7 @@ FROM a, LATERAL (
         array_agg(q.kind) AS kinds, array_agg(q.status) AS statuses,
         array_agg(q.cluster_id) AS cluster_ids, array_agg(g.expected) AS expected,
         array_agg(x.id) AS answer_ids, array_agg(x.value) AS answer_values,
-        array_agg(x.ms) AS answer_ms, count(x.id) AS answered
+        array_agg(x.ms) AS answer_ms
     FROM questions q
     LEFT JOIN gold_items g ON g.id = q.gold_item_id
     LEFT JOIN answers x ON x.question_id = q.id AND x.assignment_id = a.id
@@ -262,11 +260,7 @@ FROM a, LATERAL (
     SELECT json_agg(json_build_array(c.id, c.tree_id, c.parent_id, c.lo, c.hi, c.size, c.score,
                                      c.state, c.yes_count, c.no_count, c.open_questions))
         AS clusters
-    FROM clusters c
-    WHERE c.id = ANY(q.cluster_ids)
-        -- Only for a submission that may complete the HIT (count: how many answers it sends);
-        -- partial submissions, a page's batches of a few answers, need no cluster.
-        AND q.answered + %(count)s::integer >= cardinality(q.ids)
+    FROM clusters c WHERE c.id = ANY(q.cluster_ids)
 ) k
 """
 
@@ -449,7 +443,7 @@ def submit(
     """
     now = now or utcnow()
     conn = _driver(session)
-    key = {"public_id": assignment_public_id, "token_hash": token_hash, "count": len(answers)}
+    key = {"public_id": assignment_public_id, "token_hash": token_hash}
     try:
         with conn.pipeline():  # BEGIN travels with the statement: one round trip
             read = _run(conn, _LOCK_AND_READ, key)
