@@ -30,7 +30,6 @@ transaction. So the two implementations cannot drift apart on the rare paths.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 from collections.abc import Sequence
@@ -245,7 +244,7 @@ SELECT a.id, a.hit_id, a.status, a.lease_expires_at, a.max_assignments,
     a.reward_per_hit_micros, a.questions_per_hit, a.gold_per_hit, a.assignments_per_hit,
     a.crowd_params, a.policy_params,
     q.ids, q.public_ids, q.kinds, q.statuses, q.cluster_ids, q.expected,
-    q.answer_ids, q.answer_values, q.answer_ms, k.clusters
+    q.answer_ids, q.answer_values, q.answer_ms
 FROM a, LATERAL (
     SELECT array_agg(q.id) AS ids, array_agg(q.public_id) AS public_ids,
         array_agg(q.kind) AS kinds, array_agg(q.status) AS statuses,
@@ -256,12 +255,7 @@ FROM a, LATERAL (
     LEFT JOIN gold_items g ON g.id = q.gold_item_id
     LEFT JOIN answers x ON x.question_id = q.id AND x.assignment_id = a.id
     WHERE q.hit_id = a.hit_id
-) q, LATERAL (
-    SELECT json_agg(json_build_array(c.id, c.tree_id, c.parent_id, c.lo, c.hi, c.size, c.score,
-                                     c.state, c.yes_count, c.no_count, c.open_questions))
-        AS clusters
-    FROM clusters c WHERE c.id = ANY(q.cluster_ids)
-) k
+) q
 """
 
 # The statement that writes the decided states and the money is re-planned on every call by
@@ -318,27 +312,16 @@ locked AS (
     ORDER BY id
     FOR UPDATE
 ),
--- ``state``: the state predicted from the counts read with the assignment lock, applied if the
--- row still has those counts (and state): true unless a concurrent submission counted answers
--- into it since. Otherwise the state stays, and the caller decides again from the new counts.
 counted AS (
     UPDATE clusters c SET
         yes_count = c.yes_count
             + CASE WHEN c.state IN ('candidate', 'active') THEN d.dy ELSE 0 END,
         no_count = c.no_count
             + CASE WHEN c.state IN ('candidate', 'active') THEN d.dn ELSE 0 END,
-        open_questions = c.open_questions - d.closed,
-        state = CASE WHEN (c.state, c.yes_count, c.no_count, c.open_questions)
-                          = (d.was, d.yes, d.no, d.open) THEN d.state ELSE c.state END,
-        decided_at = CASE WHEN (c.state, c.yes_count, c.no_count, c.open_questions)
-                               = (d.was, d.yes, d.no, d.open)
-                           AND d.state NOT IN ('candidate', 'active')
-                          THEN %(now)s ELSE c.decided_at END
+        open_questions = c.open_questions - d.closed
     FROM locked
     JOIN unnest(%(cids)b::integer[], %(dy)b::integer[], %(dn)b::integer[],
-                %(dc)b::integer[], %(was)b::varchar[], %(yes)b::integer[], %(no)b::integer[],
-                %(open)b::integer[], %(states)b::varchar[])
-        AS d(id, dy, dn, closed, was, yes, no, open, state) ON d.id = locked.id
+                %(dc)b::integer[]) AS d(id, dy, dn, closed) ON d.id = locked.id
     WHERE c.id = locked.id
     RETURNING c.id, c.tree_id, c.parent_id, c.lo, c.hi, c.size, c.score, c.state,
         c.yes_count, c.no_count, c.open_questions
@@ -374,20 +357,6 @@ ledger AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM states), (SELECT count(*) FROM ledger)
-"""
-
-
-# What every approved assignment ends with when no decision is left to write: the money.
-_PAY = """
-WITH moved AS (
-    UPDATE campaigns
-    SET reserved_micros = reserved_micros - %(amount)s::bigint,
-        spent_micros = spent_micros + %(amount)s::bigint
-    WHERE id = %(campaign_id)s::integer
-    RETURNING id
-)
-INSERT INTO ledger_entries (campaign_id, hit_id, kind, amount_micros, note)
-SELECT id, %(hit_id)s::integer, 'spend', %(amount)s::bigint, %(note)s FROM moved
 """
 
 
@@ -457,7 +426,7 @@ def submit(
     status = AssignmentStatus(status)
     refuse_lapsed_lease(status, lease, now)
     questions: dict[str, _Question] = {}
-    columns = (column or () for column in head[20:29])  # NULL arrays: a HIT without questions
+    columns = (column or () for column in head[20:])  # NULL arrays: a HIT without questions
     for qid, pid, kind, qstatus, cluster_id, expected, aid, value, ms in zip(*columns, strict=True):
         questions[pid] = _Question(
             qid,
@@ -502,8 +471,7 @@ def submit(
     )
     if not simple:
         return _complete_portably(session, conn, rows, questions, new, answers, hit_id, now)
-    clusters = {c[0]: ClusterRow.of(c) for c in head[29] or ()}
-    _complete(conn, session, campaign, rows, questions, new, clusters, stats, reason, hit_id, now)
+    _complete(conn, session, campaign, rows, questions, new, stats, reason, hit_id, now)
     return SubmitResult(len(new), len(answers) - len(new), True, assignment_id, hit_id, True)
 
 
@@ -532,22 +500,13 @@ def _complete(
     rows: dict[str, Any],
     questions: dict[str, _Question],
     new: dict[str, tuple[bool, int]],
-    clusters: dict[int, ClusterRow],
     stats: AssignmentStats,
     reason: str,
     hit_id: int,
     now: datetime,
 ) -> None:
     """Approve a single-assignment HIT: its one vote per question is the label (what
-    :func:`~service.crowd.decisions.aggregate_hit` concludes for one voter).
-
-    ``clusters`` are the HIT's clusters as read with the assignment lock. Each one's next state is
-    predicted from those counts plus this HIT's answers, and the statement that counts the
-    answers also writes the predicted state where the row still holds the counts the prediction
-    started from: in the common case the decisions cost no statement of their own, and the
-    cluster rows are locked for one statement and the commit. A cluster that a concurrent
-    submission counted into meanwhile, or whose prediction is a split (its children must be
-    activated), is decided again from the counts the statement returns, as before."""
+    :func:`~service.crowd.decisions.aggregate_hit` concludes for one voter)."""
     deltas: dict[int, list[int]] = {}
     for pid, q in questions.items():
         if not q.open or q.kind is not QuestionKind.SAMPLE:
@@ -568,7 +527,6 @@ def _complete(
         dy=[deltas[c][0] for c in cids],
         dn=[deltas[c][1] for c in cids],
         dc=[deltas[c][2] for c in cids],
-        **_predictions(cids, deltas, clusters, campaign.policy),
     )
     inserted, _, _, worker_total, counted = _run(conn, _COMPLETE, params).fetchone()
     if inserted != len(new) or worker_total is None:
@@ -576,9 +534,14 @@ def _complete(
     changed, splits = _decide(counted or [], campaign.policy)
     if splits:
         activate_children(session, splits, campaign.policy, now)
-    pay = {
+    share = campaign.assignment_cost
+    params = {
+        "cids": [c.id for c in changed],
+        "states": [c.state.value for c in changed],
+        "decided": [c.state not in UNDECIDED for c in changed],
+        "now": now,
         "campaign_id": campaign.id,
-        "amount": campaign.assignment_cost,
+        "amount": share,
         "hit_id": hit_id,
         "note": f"assignment {rows['assignment_id']} approved",
     }
@@ -586,54 +549,9 @@ def _complete(
     # and commit in the same round trip, so it is held for as short a time as possible. (The
     # session's own commit afterwards finds nothing left to do.)
     with conn.pipeline():
-        if changed:
-            conn.execute(_GENERIC_PLANS)
-            decided = {
-                "cids": [c.id for c in changed],
-                "states": [c.state.value for c in changed],
-                "decided": [c.state not in UNDECIDED for c in changed],
-                "now": now,
-            }
-            _run(conn, _DECIDE_AND_PAY, {**pay, **decided})
-        else:
-            _run(conn, _PAY, pay)
+        conn.execute(_GENERIC_PLANS)
+        _run(conn, _DECIDE_AND_PAY, params)
         conn.commit()
-
-
-def _predictions(
-    cids: list[int],
-    deltas: dict[int, list[int]],
-    clusters: dict[int, ClusterRow],
-    policy: PolicyParams,
-) -> dict[str, list[Any]]:
-    """Per cluster of ``cids``: the state and counts the prediction starts from (``was``, ``yes``,
-    ``no``, ``open``) and the predicted state. No prediction (the state stays, the caller decides
-    afterwards) for a cluster that was not read, is already decided, or would split."""
-    out: dict[str, list[Any]] = {"was": [], "yes": [], "no": [], "open": [], "states": []}
-    for cid in cids:
-        cluster = clusters.get(cid)
-        dy, dn, closed = deltas[cid]
-        if cluster is None:  # not read: a prediction that can never match
-            out["was"].append("")
-            out["yes"].append(-1)
-            out["no"].append(-1)
-            out["open"].append(-1)
-            out["states"].append("")
-            continue
-        state = cluster.state
-        if state in UNDECIDED:
-            after = dataclasses.replace(
-                cluster, yes=cluster.yes + dy, no=cluster.no + dn, open=cluster.open - closed
-            )
-            predicted = next_state(after, policy)
-            if predicted not in (ClusterState.SPLIT, ClusterState.AUTO_SPLIT):
-                state = predicted
-        out["was"].append(cluster.state.value)
-        out["yes"].append(cluster.yes)
-        out["no"].append(cluster.no)
-        out["open"].append(cluster.open)
-        out["states"].append(state.value)
-    return out
 
 
 def _decide(

@@ -4,7 +4,6 @@ it, and HITs are built ahead of demand once the pool runs low."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import threading
@@ -15,7 +14,6 @@ import pytest
 from sqlalchemy import func, select
 
 from service.crowd import CrowdParams, fastpath, hits
-from service.crowd.decisions import UNDECIDED, ClusterRow, next_state
 from service.crowd.hits import (
     Claim,
     encode_payload,
@@ -24,7 +22,6 @@ from service.crowd.hits import (
     new_public_ids,
     question_payload,
 )
-from service.engine.policy import PolicyParams
 from service.models import (
     Answer,
     Assignment,
@@ -156,79 +153,6 @@ def test_refills_only_when_less_than_a_batch_is_left():
     params = CrowdParams(build_batch_hits=8)
     assert needs_refill(params, 7) and needs_refill(params, 0)
     assert not needs_refill(params, 8)
-
-
-def test_a_prediction_made_stale_by_a_concurrent_count_is_not_applied(
-    client, db, postgres, migrated_pg_url, monkeypatch
-):
-    """A submission predicts its clusters' states from the counts read with the assignment
-    lock. If another submission counts into a cluster before this one locks it, the stale
-    prediction must not be written: the cluster is decided again from its real counts."""
-    world, _, worker = campaign_world(client, db, "stale", blocks="GGGGGGGG", gold=(True,))
-    headers = worker_headers(worker["token"])
-    assert do_hit(client, db, world, worker["token"]) is not None  # builds; counts start moving
-    hit = client.post("/api/v1/work/assignments", headers=headers).get_json()
-    right = correct_answers(db, world, [q["id"] for q in hit["questions"]])
-    target = db.scalar(
-        select(Question.cluster_id)
-        .join(Assignment, Assignment.hit_id == Question.hit_id)
-        .where(Assignment.public_id == hit["assignment_id"], Question.kind == "sample")
-        .order_by(Question.cluster_id)
-        .limit(1)
-    )
-    db.rollback()
-    dsn = postgres.dsn(migrated_pg_url.rsplit("/", 1)[1])
-    original = fastpath._run
-
-    def count_concurrently_first(conn, sql, params):
-        if sql is fastpath._COMPLETE:
-            # What a concurrent submission of another HIT does: "no" answers counted, committed.
-            with psycopg.connect(dsn, autocommit=True) as other:
-                other.execute(
-                    "UPDATE clusters SET no_count = no_count + 40 WHERE id = %s", (target,)
-                )
-        return original(conn, sql, params)
-
-    monkeypatch.setattr(fastpath, "_run", count_concurrently_first)
-    answers = [
-        {"question_id": q["id"], "value": right[q["id"]], "ms": 900} for q in hit["questions"]
-    ]
-    url = f"/api/v1/work/assignments/{hit['assignment_id']}/answers"
-    response = client.post(url, json={"answers": answers}, headers=headers)
-    assert response.status_code == 200 and response.get_json()["complete"] is True
-    rows = db.execute(
-        select(
-            Cluster.id,
-            Cluster.tree_id,
-            Cluster.parent_id,
-            Cluster.lo,
-            Cluster.hi,
-            Cluster.size,
-            Cluster.score,
-            Cluster.state,
-            Cluster.yes_count,
-            Cluster.no_count,
-            Cluster.open_questions,
-            Cluster.decided_at,
-        ).where(Cluster.tree_id == world.tree_id)
-    ).all()
-    db.rollback()
-    policy = PolicyParams()
-    for row in rows:
-        cluster = ClusterRow.of(row[:11])
-        if cluster.state in UNDECIDED or cluster.yes + cluster.no == 0:
-            continue
-        # Every cluster decided by answers holds the policy's decision for its stored counts.
-        assert next_state(dataclasses.replace(cluster, state=ClusterState.ACTIVE), policy) is (
-            cluster.state
-        ), cluster
-        assert row[11] is not None
-    stored = next(ClusterRow.of(r[:11]) for r in rows if r[0] == target)
-    unbumped = dataclasses.replace(stored, state=ClusterState.ACTIVE, no=stored.no - 40)
-    assert stored.state is next_state(
-        dataclasses.replace(stored, state=ClusterState.ACTIVE), policy
-    )
-    assert stored.state is not next_state(unbumped, policy)  # not the stale prediction
 
 
 def test_a_busy_assignment_falls_back_and_waits(client, db, postgres, migrated_pg_url, monkeypatch):
