@@ -57,3 +57,18 @@ def test_bench_answer_storage_runs():
     assert report["submissions_timed"] == 25
     assert report["median_ms"]["rows_and_close_questions"] > 0
     assert report["median_ms"]["one_array_row"] > 0
+
+
+def test_bench_question_indexes_runs():
+    report = _run(
+        "bench_question_indexes.py", "--prefill", "1760", "--batches", "3", "--hits", "2"
+    )  # fmt: skip
+    assert report["questions_per_batch"] == 110
+    assert report["stored_at_end"] == 1760 + 110 * 3 * (2 + 4)  # id schemes, then four steps
+    assert [step["indexes"] for step in report["steps"]] == [
+        "all indexes",
+        "without unique public_id",
+        "and without cluster_id",
+        "and without (hit_id, position)",
+    ]
+    assert set(report["public_ids_ms_per_batch"]) == {"random", "service"}
