@@ -51,9 +51,9 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             # (busy_timeout) if another connection holds it. A transaction that began deferred,
             # read, and then wrote would have to upgrade a snapshot another connection may have
             # written past meanwhile, which SQLite refuses at once ("database is locked")
-            # instead of waiting. Serialising transactions costs the embedded default nothing
-            # it had: SQLite runs one writer at a time anyway, and reads stay consistent with
-            # the writes they lead to.
+            # instead of waiting. The price: a read-only transaction waits for a writer too
+            # (WAL would have let it read alongside); the embedded default serves a demo or a
+            # laptop, where consistent reads before writes matter more than concurrent reads.
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
