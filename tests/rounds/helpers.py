@@ -68,6 +68,24 @@ def make_project(
     return pid
 
 
+def project_with_round(
+    app, files: dict[str, Path], key_name: str, status: Any, *, splits=("seed", "pool")
+) -> tuple[int, int, dict[str, str]]:
+    """A new requester key, a project built through the API (:func:`make_project`) and its round
+    1 stored in ``status``: ``(project id, round id, the key's headers)``."""
+    from service.db import get_database
+    from service.models import Round
+    from tests.helpers import new_key
+
+    with get_database(app).session() as session:
+        _, headers = new_key(session, key_name)
+        pid = make_project(app.test_client(), headers, files, splits=splits)
+        rnd = Round(project_id=pid, number=1, status=status)
+        session.add(rnd)
+        session.commit()
+        return pid, rnd.id, headers
+
+
 def start_round(client, headers, pid: int, **extra: Any) -> dict:
     body = {"detect": True, "steps": 2, "checkpoint_every": 1, "model": TINY_MODEL, **extra}
     response = client.post(f"/api/v1/projects/{pid}/rounds", json=body, headers=headers)

@@ -39,6 +39,7 @@ from tests.rounds.helpers import (
     SIZE,
     TINY_MODEL,
     make_project,
+    project_with_round,
     round_status,
     start_round,
 )
@@ -246,12 +247,10 @@ def test_a_retried_stage_dispatches_a_next_stage_that_was_recorded_but_never_sen
     """The entry job died between recording the train job and handing it to the runner; its retry
     finds the row and must send it, or the round would wait forever."""
     client = local_app.test_client()
+    pid, round_id, headers = project_with_round(
+        local_app, synthetic_data, "lost-dispatch", RoundStatus.PENDING
+    )
     with get_database(local_app).session() as session:
-        _, headers = new_key(session, "lost-dispatch")
-        pid = make_project(client, headers, synthetic_data, splits=("seed", "pool"))
-        rnd = Round(project_id=pid, number=1, status=RoundStatus.PENDING)
-        session.add(rnd)
-        session.flush()
         options = {"steps": 1, "model": TINY_MODEL, "seed": 0}
         session.add(
             Job(
@@ -259,7 +258,7 @@ def test_a_retried_stage_dispatches_a_next_stage_that_was_recorded_but_never_sen
                 func_name="workers.rounds.train_stage",
                 queue="gpu",
                 kwargs={
-                    "round_id": rnd.id,
+                    "round_id": round_id,
                     "detect": False,
                     "shards": 1,
                     "max_image_id": 0,
@@ -271,7 +270,6 @@ def test_a_retried_stage_dispatches_a_next_stage_that_was_recorded_but_never_sen
             )
         )
         session.commit()
-        round_id = rnd.id
     with job_context_for_tests(fast) as ctx:
         rounds_job.run_round(ctx, round_id=round_id, detect=False, train_options=options)
     _wait(local_app, f"train-p{pid}-r1")
@@ -320,13 +318,9 @@ def test_train_only_round_and_effective_failure(local_app, synthetic_data):
 
 def test_train_resumes_from_its_checkpoint(local_app, synthetic_data, fast, monkeypatch):
     client = local_app.test_client()
-    with get_database(local_app).session() as session:
-        _, headers = new_key(session, "resume")
-        pid = make_project(client, headers, synthetic_data, splits=("seed",))
-        rnd = Round(project_id=pid, number=1, status=RoundStatus.TRAINING)
-        session.add(rnd)
-        session.commit()
-        round_id = rnd.id
+    pid, round_id, headers = project_with_round(
+        local_app, synthetic_data, "resume", RoundStatus.TRAINING, splits=("seed",)
+    )
 
     real = mm.train_steps
     starts: list[int] = []
@@ -449,14 +443,9 @@ def test_re_detections_of_accepted_objects_are_dropped():
 
 
 def test_finish_round_refuses_missing_shards(local_app, synthetic_data, fast):
-    client = local_app.test_client()
-    with get_database(local_app).session() as session:
-        _, headers = new_key(session, "missing-shards")
-        pid = make_project(client, headers, synthetic_data, splits=("seed", "pool"))
-        rnd = Round(project_id=pid, number=1, status=RoundStatus.CLUSTERING)
-        session.add(rnd)
-        session.commit()
-        round_id = rnd.id
+    pid, round_id, _ = project_with_round(
+        local_app, synthetic_data, "missing-shards", RoundStatus.CLUSTERING
+    )
     storage = open_storage(fast.storage_url)
     storage.put_bytes(shard_key(pid, 1, 1, 3), gzip.compress(b"[]"))
     with (

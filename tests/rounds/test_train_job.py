@@ -9,12 +9,10 @@ from typing import Any
 
 import pytest
 
-from service.db import get_database
 from service.jobs import TransientJobError, job_context_for_tests
-from service.models import Round, RoundStatus
+from service.models import RoundStatus
 from service.storage import open_storage
-from tests.helpers import new_key
-from tests.rounds.helpers import TINY_MODEL, make_project
+from tests.rounds.helpers import TINY_MODEL, project_with_round
 from workers import model as mm
 from workers import train as train_job
 
@@ -22,14 +20,10 @@ from workers import train as train_job
 @pytest.fixture()
 def training_round(local_app, synthetic_data) -> dict[str, int]:
     """A fresh project with seed ground truth and a round about to train."""
-    client = local_app.test_client()
-    with get_database(local_app).session() as session:
-        _, headers = new_key(session, "train-job")
-        pid = make_project(client, headers, synthetic_data, splits=("seed",))
-        rnd = Round(project_id=pid, number=1, status=RoundStatus.TRAINING)
-        session.add(rnd)
-        session.commit()
-        return {"pid": pid, "round_id": rnd.id}
+    pid, round_id, _ = project_with_round(
+        local_app, synthetic_data, "train-job", RoundStatus.TRAINING, splits=("seed",)
+    )
+    return {"pid": pid, "round_id": round_id}
 
 
 class Recorder:
