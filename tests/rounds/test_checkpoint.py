@@ -46,6 +46,23 @@ def post_round(client, headers, pid: int, body: dict[str, Any]):
     return client.post(f"/api/v1/projects/{pid}/rounds", json=body, headers=headers)
 
 
+def _detect_with_given_weights(
+    app, headers, pid: int, image_root: str, name: str, category_ids: tuple[int, ...]
+) -> dict[str, Any]:
+    """Round 1 of ``pid`` started from a checkpoint saved as ``models/<name>`` under the image
+    root: its status once trained, detected and clustered (asserted ready)."""
+    root = Path(image_root)
+    (root / "models").mkdir(exist_ok=True)
+    save_tiny_checkpoint(root / "models" / name, category_ids)
+    client = app.test_client()
+    response = post_round(client, headers, pid, {"detect": True, "checkpoint": f"models/{name}"})
+    assert response.status_code == 202, response.get_json()
+    _wait_round(app, pid, 1, ("round", "train", "detect", "cluster"))
+    ready = round_status(client, headers, pid, 1)
+    assert ready["status"] == "ready", ready
+    return ready
+
+
 def _wait_round(app, pid: int, number: int, stages: tuple[str, ...]) -> None:
     """Wait for the stages in pipeline order (each is dispatched by the one before it)."""
     runner = jobs.dispatcher_for(app.extensions["maskmill.settings"])
@@ -119,16 +136,9 @@ def test_a_round_detects_with_the_requesters_weights(
         c["id"] for c in client.get(f"/api/v1/projects/{pid}", headers=requester).json["classes"]
     ]
     root = Path(fast.image_root)
-    (root / "models").mkdir(exist_ok=True)
-    save_tiny_checkpoint(root / "models" / "elsewhere.pt", (101, 102))
-
-    response = post_round(
-        client, requester, pid, {"detect": True, "checkpoint": "models/elsewhere.pt"}
+    ready = _detect_with_given_weights(
+        local_app, requester, pid, fast.image_root, "elsewhere.pt", (101, 102)
     )
-    assert response.status_code == 202, response.get_json()
-    _wait_round(local_app, pid, 1, ("round", "train", "detect", "cluster"))
-    ready = round_status(client, requester, pid, 1)
-    assert ready["status"] == "ready", ready
     assert ready["training"]["init"] == "checkpoint"
     assert ready["training"]["checkpoint"] == f"file://{root.resolve() / 'models/elsewhere.pt'}"
     assert ready["training"]["class_map"] == {"101": classes[0], "102": classes[1]}
@@ -159,16 +169,9 @@ def test_given_weights_need_no_ground_truth(local_app, synthetic_data, fast, req
     pid = make_project(client, requester, synthetic_data, splits=("pool",), gt=False)
     refused = post_round(client, requester, pid, {"detect": True})
     assert refused.status_code == 422 and "give a checkpoint" in refused.json["error"]["message"]
-    root = Path(fast.image_root)
-    (root / "models").mkdir(exist_ok=True)
-    save_tiny_checkpoint(root / "models" / "pool-only.pt", (1, 2))
-    response = post_round(
-        client, requester, pid, {"detect": True, "checkpoint": "models/pool-only.pt"}
+    ready = _detect_with_given_weights(
+        local_app, requester, pid, fast.image_root, "pool-only.pt", (1, 2)
     )
-    assert response.status_code == 202, response.get_json()
-    _wait_round(local_app, pid, 1, ("round", "train", "detect", "cluster"))
-    ready = round_status(client, requester, pid, 1)
-    assert ready["status"] == "ready", ready
     assert ready["ap"] is None and ready["counts"]["masks"] > 0  # nothing held out to score on
 
 
