@@ -149,6 +149,44 @@ def test_a_pool_running_low_is_refilled_after_the_response(client, db):
     db.rollback()
 
 
+def test_claims_during_a_build_do_not_ask_for_another(client, db, monkeypatch):
+    """While the build lock is held (a batch is being built), a claim that leaves the pool low
+    does not schedule a refill of its own; once the lock is free, the next one does."""
+    from service.api import work
+
+    _, campaign, worker = campaign_world(
+        client, db, "refill-busy", "GL" * 8, params={"hits_per_build": 2, "build_batch_hits": 4}
+    )
+    asked = []
+    real = work._refill_after
+    monkeypatch.setattr(
+        work, "_refill_after", lambda response, cid: (asked.append(cid), real(response, cid))
+    )
+    headers = worker_headers(worker["token"])
+
+    def claim_and_answer() -> None:
+        hit = client.post("/api/v1/work/assignments", headers=headers)
+        assert hit.status_code == 200
+        hit.close()
+        body = hit.get_json()
+        answers = [{"question_id": q["id"], "value": True, "ms": 900} for q in body["questions"]]
+        url = f"/api/v1/work/assignments/{body['assignment_id']}/answers"
+        assert client.post(url, json={"answers": answers}, headers=headers).status_code == 200
+
+    claim_and_answer()  # builds the first batch on demand (the portable path): 3 left
+    db.execute(select(func.pg_advisory_xact_lock(hits.BUILD_LOCK_CLASS, campaign["id"])))
+    claim_and_answer()  # 2 left, but someone is building
+    assert asked == []
+    db.rollback()  # the build lock goes
+    claim_and_answer()
+    assert asked == [campaign["id"]]
+    open_hits = select(func.count()).where(
+        Hit.campaign_id == campaign["id"], Hit.status == HitStatus.OPEN
+    )
+    assert db.scalar(open_hits) == 1 + 4
+    db.rollback()
+
+
 def test_refills_only_when_less_than_a_batch_is_left():
     params = CrowdParams(build_batch_hits=8)
     assert needs_refill(params, 7) and needs_refill(params, 0)
