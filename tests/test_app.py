@@ -164,6 +164,25 @@ def test_500_never_leaks_a_traceback(settings):
     assert "secret" not in error["message"]
 
 
+def test_no_cookie_sessions(settings):
+    """Nothing is kept in cookies: no Set-Cookie, and code that tried to would be told why."""
+    from flask import session
+
+    app = create_app(settings)
+
+    @app.get("/remember")
+    def remember():
+        assert not session
+        session["user"] = "x"
+        return {}
+
+    response = app.test_client().get("/remember", headers={"Cookie": "session=abc"})
+    assert "Set-Cookie" not in response.headers
+    _assert_error(response, 500, "internal_error")
+    with app.test_request_context("/"), pytest.raises(RuntimeError, match="no cookie sessions"):
+        session["user"] = "x"
+
+
 def _sqlite_app_with_write_route(sqlite_url, tmp_path):
     """An embedded-default app with a route that reads, then writes, in one transaction; the
     route waits ``?wait_ms=`` for SQLite's write lock (the service waits 30 s)."""
