@@ -6,11 +6,12 @@ statement per step, a dozen per cycle) spends more time in round trips and state
 in the work itself. Here the same steps are a handful of static SQL statements run on the
 session's own psycopg connection (prepared once per connection):
 
-* **claim**: one statement in autocommit. Token -> worker; the worker's unexpired claim if it has
-  one (a reloaded page resumes); otherwise the oldest open single-assignment HIT of its project's
-  offering campaigns, taken ``FOR UPDATE SKIP LOCKED``, gets the assignment and becomes
-  ``assigned``; the HIT's stored payload is returned as is. (A redundant HIT's slots are counted
-  by the portable code, in a statement that runs after the HIT is locked.)
+* **claim**: one statement, committed in the same round trip. Token -> worker; the worker's
+  unexpired claim if it has one (a reloaded page resumes); otherwise the oldest open
+  single-assignment HIT of its project's offering campaigns, taken ``FOR UPDATE SKIP LOCKED``,
+  gets the assignment and becomes ``assigned``; the HIT's stored payload is returned as is. (A
+  redundant HIT's slots are counted by the portable code, in a statement that runs after the HIT
+  is locked.)
 * **submit**: one round trip sends BEGIN, locks the assignment (``NOWAIT``) and reads the HIT's
   questions; one statement stores the answers and, when they complete the assignment, closes it:
   verdict, worker gold, HIT completed, questions answered, cluster counts moved by atomic
@@ -162,7 +163,7 @@ SELECT w.id, w.project_id, w.backend, w.qualified, w.blocked, w.blocked_reason,
     (SELECT params FROM pick),
     (SELECT count(*) FROM hits o, pick WHERE o.campaign_id = pick.campaign_id AND o.status = 'open'),
     -- Is anyone building this campaign's next batch? Taking the build lock answers it, and the
-    -- lock goes again when this (autocommitted) statement ends.
+    -- lock goes again when this transaction commits, in the same round trip.
     (SELECT pg_try_advisory_xact_lock(%(build_lock)s::integer, campaign_id) FROM pick)
 FROM w LEFT JOIN mine ON true
 """
@@ -181,23 +182,28 @@ class ClaimOutcome:
 
 
 def claim(session: Session, token_hash: str, *, now: datetime | None = None) -> ClaimOutcome:
-    """Serve a claim in one autocommitted statement when an open HIT (or the worker's own claim)
-    is there to take; see :class:`ClaimOutcome`.
+    """Serve a claim in one statement, committed in the same round trip, when an open HIT (or the
+    worker's own claim) is there to take; see :class:`ClaimOutcome`.
 
-    Must be the session's first statement. If no claim is served, the session is closed again
-    (its connection was in autocommit), so the caller's next statement starts a normal
-    transaction.
+    Must be the session's first statement. If no claim is served, the session is closed again,
+    so the caller's next statement starts a new transaction.
     """
     now = now or utcnow()
     public_id = new_public_id()
-    conn = _driver(session, isolation_level="AUTOCOMMIT")
+    # BEGIN, the statement and COMMIT in one pipeline, rather than switching the pooled
+    # connection to autocommit and back: the switch costs more Python in SQLAlchemy than the
+    # two extra messages cost the server.
+    conn = _driver(session)
     key = {
         "token_hash": token_hash,
         "now": now,
         "public_id": public_id,
         "build_lock": BUILD_LOCK_CLASS,
     }
-    row = _run(conn, _CLAIM, key).fetchone()
+    with conn.pipeline():
+        cursor = _run(conn, _CLAIM, key)
+        conn.commit()
+    row = cursor.fetchone()
     if row is None:
         session.close()
         return ClaimOutcome(None, None)

@@ -269,8 +269,9 @@ def test_payload_encoding():
         {"class_name": "café", "id": ids[1], "image_url": f"/media/q/{ids[1]}.jpg"},
         {"class_name": 'say "chair"', "id": ids[2], "image_url": f"/media/q/{ids[2]}.jpg"},
     ]
-    with pytest.raises(ValueError, match="not a public id"):
-        encode_payload([('x", "gold": "1', "chair")])
+    for bad in ['x", "gold": "1', "a,b", ""]:  # checked in one match, the comma too
+        with pytest.raises(ValueError, match=f"not a public id: {re.escape(repr(bad))}"):
+            encode_payload([(ids[0], "chair"), (bad, "chair"), (ids[1], "chair")])
     claim = Claim(ids[0], hits.utcnow(), text, [ids[1]])
     assert claim.to_json()["questions"] == json.loads(text)
     assert claim.to_json()["answered"] == [ids[1]]
