@@ -352,8 +352,14 @@ def seed_through_api(port: int, database_url: str, seeded: Seeded, options: Opti
 
 
 def start_gunicorn(
-    database_url: str, workdir: Path, options: Options, redis_url: str = ""
+    database_url: str,
+    workdir: Path,
+    options: Options,
+    redis_url: str = "",
+    code_dir: Path = REPO,
 ) -> tuple[subprocess.Popen, int]:
+    """gunicorn serving the service found in ``code_dir`` (its working directory, first on its
+    import path: ``scripts/bench_compare.py`` serves another checkout the same way)."""
     from service.devservers import free_port
 
     port = free_port()
@@ -387,7 +393,7 @@ def start_gunicorn(
             "warning",
             "service.app:create_app()",
         ],
-        cwd=str(REPO),
+        cwd=str(code_dir),
         env=env,
         start_new_session=True,
         stdout=subprocess.DEVNULL,

@@ -4,6 +4,7 @@ verify, not the speed -- the figures come from full runs, quoted in the README).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,44 @@ def test_bench_question_indexes_runs():
         "and without (hit_id, position)",
     ]
     assert set(report["public_ids_ms_per_batch"]) == {"random", "service"}
+
+
+def test_bench_compare_serves_each_checkout_its_own_code(tmp_path):
+    """Two stacks, each gunicorn importing its own checkout: a baseline whose claims fail shows
+    its errors, while this checkout's stack runs clean and passes the database checks."""
+    baseline = tmp_path / "baseline"
+    for part in ("service", "templates"):
+        shutil.copytree(REPO / part, baseline / part, ignore=shutil.ignore_patterns("__pycache__"))
+    work = baseline / "service" / "api" / "work.py"
+    route = "def claim_assignment():\n"
+    assert route in work.read_text()
+    work.write_text(
+        work.read_text().replace(route, route + '    raise RuntimeError("baseline fault")\n', 1)
+    )
+    report = _run(
+        "bench_compare.py", str(baseline),
+        "--pairs", "1", "--slice", "2", "--settle", "0.5", "--virtual-workers", "2",
+    )  # fmt: skip
+    assert any("claim 500" in error for error in report["baseline"]["errors"])
+    assert report["baseline"]["cycles_per_s"]["max"] == 0
+    assert report["current"]["errors"] == []
+    assert report["current"]["cycles_per_s"]["min"] > 0
+    assert report["pairs"] == 0 and report["cycles_per_s_ratio"] is None
+    checks = report["current_checks"]
+    assert checks["answers_counted_twice"] == checks["hits_over_assigned"] == 0
+    assert checks["decisions_mismatch"] == 0 and checks["ledger"]["within_budget"]
+
+
+@pytest.mark.parametrize(
+    ("baseline", "message"),
+    [(".", "that is this checkout"), ("tests", "not a maskmill checkout")],
+)
+def test_bench_compare_refuses_a_wrong_baseline(baseline, message):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_compare.py"), str(REPO / baseline)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0 and message in done.stderr
