@@ -237,7 +237,7 @@ def claim_assignment():
         try:
             outcome = fastpath.claim(session, token_hash)
         except (DBAPIError, psycopg.Error) as exc:
-            # The claim is one statement and its commit; after a dropped connection it is retried
+            # The claim is one autocommitted statement; after a dropped connection it is retried
             # once (safe: a claim that did land is found again as the worker's open assignment).
             if not _disconnected(exc):
                 raise
