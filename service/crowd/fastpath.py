@@ -190,9 +190,10 @@ def claim(session: Session, token_hash: str, *, now: datetime | None = None) -> 
     """
     now = now or utcnow()
     public_id = new_public_id()
-    # Autocommit, measured against BEGIN + statement + COMMIT sent in one pipeline: 286 against
-    # 510 us of Python and 97 against 263 us of PostgreSQL per claim (SQLAlchemy's switch of the
-    # pooled connection to autocommit and back included).
+    # Autocommit, rather than BEGIN + statement + COMMIT sent in one pipeline: about half the
+    # Python and PostgreSQL CPU per claim, SQLAlchemy's switch of the pooled connection to
+    # autocommit and back included (``scripts/bench_request_overhead.py``: 493 against 975 us of
+    # Python, 455 against 1075 us of PostgreSQL).
     conn = _driver(session, isolation_level="AUTOCOMMIT")
     key = {
         "token_hash": token_hash,
@@ -275,7 +276,8 @@ FROM a, LATERAL (
 # The statement that writes the decided states and the money is re-planned on every call by
 # default (its array parameters make the generic plan's estimate look worse than a custom one,
 # though both are the same index probes). ``LOCAL``: the setting ends with the transaction.
-# Measured: planning costs ~230 us of PostgreSQL per call, the ``SET`` ~90 us.
+# Measured: planning costs ~230 us of PostgreSQL per call (``bench_service.py --statements``),
+# the ``SET`` ~75-90 us (``scripts/bench_request_overhead.py``).
 _GENERIC_PLANS = "SET LOCAL plan_cache_mode = force_generic_plan"
 
 _INSERT_ANSWERS = """
@@ -430,7 +432,8 @@ def submit(
     key = {"public_id": assignment_public_id, "token_hash": token_hash}
     try:
         # Not pipelined with its BEGIN: a pipeline saves the BEGIN's round trip but costs more
-        # Python than it saves on loopback (measured: 247 against 200 us per transaction).
+        # CPU than it saves on loopback (``scripts/bench_request_overhead.py``: 331 against 247
+        # us of Python per transaction).
         head = _run(conn, _LOCK_AND_READ, key).fetchone()
     except pg_errors.LockNotAvailable:
         raise Fallback("the assignment is being written by another request") from None
