@@ -28,11 +28,9 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,46 +211,42 @@ def compare(stacks: dict[str, Stack]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args, options = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="maskmill-compare-"))
     stacks = {
         "baseline": Stack("baseline", args.baseline),
         "current": Stack("current", REPO),
     }
-    try:
-        for stack in stacks.values():
-            start_stack(stack, options, workdir)
-        for stack in stacks.values():  # builds, prepared statements, caches: not measured
-            run_slice(stack, args.slice, args.settle, measured=False)
-        for i in range(args.pairs):
-            order = LABELS if i % 2 == 0 else LABELS[::-1]
-            for label in order:
-                run_slice(stacks[label], args.slice, args.settle)
-        current = stacks["current"]
-        checks = bench.check_database(
-            current.url, current.seeded.campaign_id, current.seeded.tree_id
-        )
-        report = compare(stacks)
-        report["current_checks"] = {
-            "answers_counted_twice": checks["answers_over_quota"] + checks["miscounted_clusters"],
-            "hits_over_assigned": checks["hits_over_assigned"],
-            "decisions_mismatch": checks["decisions_mismatch"],
-            "ledger": checks["ledger"],
-        }
-        report["config"] = {
-            "pairs": args.pairs,
-            "slice_s": args.slice,
-            "settle_s": args.settle,
-            "virtual_workers": options.virtual_workers,
-            "gunicorn": f"{options.gunicorn_workers} x {options.gunicorn_threads} ({options.gunicorn_class})",
-        }
-    except BaseException:
-        print(f"comparison failed; gunicorn logs are kept in {workdir}", file=sys.stderr)
-        raise
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-    finally:
-        for stack in stacks.values():
-            stop_stack(stack)
+    with bench.scratch_dir("maskmill-compare-", "comparison") as workdir:
+        try:
+            for stack in stacks.values():
+                start_stack(stack, options, workdir)
+            for stack in stacks.values():  # builds, prepared statements, caches: not measured
+                run_slice(stack, args.slice, args.settle, measured=False)
+            for i in range(args.pairs):
+                order = LABELS if i % 2 == 0 else LABELS[::-1]
+                for label in order:
+                    run_slice(stacks[label], args.slice, args.settle)
+            current = stacks["current"]
+            checks = bench.check_database(
+                current.url, current.seeded.campaign_id, current.seeded.tree_id
+            )
+            report = compare(stacks)
+            report["current_checks"] = {
+                "answers_counted_twice": checks["answers_over_quota"]
+                + checks["miscounted_clusters"],
+                "hits_over_assigned": checks["hits_over_assigned"],
+                "decisions_mismatch": checks["decisions_mismatch"],
+                "ledger": checks["ledger"],
+            }
+            report["config"] = {
+                "pairs": args.pairs,
+                "slice_s": args.slice,
+                "settle_s": args.settle,
+                "virtual_workers": options.virtual_workers,
+                "gunicorn": f"{options.gunicorn_workers} x {options.gunicorn_threads} ({options.gunicorn_class})",
+            }
+        finally:
+            for stack in stacks.values():
+                stop_stack(stack)
     if args.json:
         print(json.dumps(report, indent=2))
     elif report["pairs"] == 0:

@@ -69,6 +69,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -898,12 +899,24 @@ def summarize(
 # ------------------------------------------------------------------------------------- main
 
 
+@contextlib.contextmanager
+def scratch_dir(prefix: str, what: str) -> Iterator[Path]:
+    """A working directory (gunicorn's log, storage) removed after a run that succeeded and kept
+    after one that failed, whose message says where it is."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield workdir
+    except BaseException:
+        print(f"{what} failed; gunicorn logs are kept in {workdir}", file=sys.stderr)
+        raise
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     from service import migrate
     from service.devservers import PostgresServer, RedisServer
 
-    workdir = Path(tempfile.mkdtemp(prefix="maskmill-bench-"))
     settings = (
         {
             "shared_preload_libraries": "pg_stat_statements",
@@ -915,122 +928,120 @@ def main(argv: list[str] | None = None) -> int:
     server = PostgresServer(fsync=options.fsync, settings=settings).start()
     redis_server = None
     gunicorn: subprocess.Popen | None = None
-    try:
-        redis_server = RedisServer().start()
-        url = server.create_database("bench")
-        migrate.upgrade(url)
-        seeded = seed_project(url, options.clusters)
-        gunicorn, port = start_gunicorn(url, workdir, options, redis_server.url)
-        seed_through_api(port, url, seeded, options)
+    with scratch_dir("maskmill-bench-", "benchmark") as workdir:
+        try:
+            redis_server = RedisServer().start()
+            url = server.create_database("bench")
+            migrate.upgrade(url)
+            seeded = seed_project(url, options.clusters)
+            gunicorn, port = start_gunicorn(url, workdir, options, redis_server.url)
+            seed_through_api(port, url, seeded, options)
 
-        loadavg_before = os.getloadavg()
-        begin = time.monotonic()
-        window = (begin + options.warmup, begin + options.warmup + options.duration)
-        queue: mp.Queue = mp.get_context("fork").Queue()
-        loader = mp.get_context("fork").Process(
-            target=run_load, args=(port, seeded.tokens, window[1], queue), daemon=True
-        )
-        loader.start()
+            loadavg_before = os.getloadavg()
+            begin = time.monotonic()
+            window = (begin + options.warmup, begin + options.warmup + options.duration)
+            queue: mp.Queue = mp.get_context("fork").Queue()
+            loader = mp.get_context("fork").Process(
+                target=run_load, args=(port, seeded.tokens, window[1], queue), daemon=True
+            )
+            loader.start()
 
-        roots = {
-            "postgres": server.process.pid,
-            "gunicorn": gunicorn.pid,
-            "redis": redis_server.process.pid,
-            "load": loader.pid,
-        }
+            roots = {
+                "postgres": server.process.pid,
+                "gunicorn": gunicorn.pid,
+                "redis": redis_server.process.pid,
+                "load": loader.pid,
+            }
 
-        def sample() -> tuple[dict[str, float], float]:
-            return tree_cpu(roots), machine_busy()
+            def sample() -> tuple[dict[str, float], float]:
+                return tree_cpu(roots), machine_busy()
 
-        time.sleep(max(0.0, window[0] - time.monotonic()))
-        if options.statements:
-            reset_statements(url)
-        cpu0, busy0 = sample()
-        time.sleep(max(0.0, window[1] - time.monotonic()))
-        cpu1, busy1 = sample()
-        load: LoadResult = queue.get(timeout=120)
-        loader.join(timeout=30)
-        loadavg_after = os.getloadavg()
-        stop_process_group(gunicorn)
-        gunicorn = None
-
-        result = summarize(load, window, {k: cpu1[k] - cpu0[k] for k in cpu1}, busy1 - busy0)
-        statements = (
-            top_statements(url, options.statements, result["cycles"])
-            if options.statements
-            else None
-        )
-        checks = check_database(url, seeded.campaign_id, seeded.tree_id)
-        pgbench = run_pgbench(server, "bench", options.pgbench_seconds, options.pgbench_clients)
-        duplicates = {
-            "questions_served_twice": load.served_twice + checks["hits_over_assigned"],
-            "answers_counted_twice": checks["answers_over_quota"] + checks["miscounted_clusters"],
-            "acknowledged_as_duplicate": load.acknowledged_duplicates,
-        }
-        report = {
-            "benchmark": "crowd HIT cycle (claim 50+5 questions, submit 55 answers)",
-            "hit_cycles_per_s": result["cycles_per_s"],
-            "answers_per_s": result["answers_per_s"],
-            "latency_ms": result["latency_ms"],
-            "duplicates": duplicates,
-            "ledger": checks["ledger"],
-            "pgbench": pgbench,
-            "target": {
-                "hit_cycles_per_s": TARGET_CYCLES_PER_S,
-                "p99_request_ms": TARGET_P99_MS,
-                "met": bool(
-                    result["cycles_per_s"] >= TARGET_CYCLES_PER_S
-                    and (result["latency_ms"]["request"]["p99"] or math.inf) < TARGET_P99_MS
-                    and not any(
-                        duplicates[k] for k in ("questions_served_twice", "answers_counted_twice")
-                    )
-                ),
-            },
-            "cycles_measured": result["cycles"],
-            "no_work_answers": load.no_work,
-            "errors": load.errors,
-            "resumed_claims": load.resumed,
-            "database": {
-                k: checks[k]
-                for k in (
-                    "answers_stored",
-                    "clusters_decided",
-                    "decisions_mismatch",
-                    "assignments",
-                    "hits",
-                )
-            },
-            "cpu_ms_per_cycle": result["cpu_ms_per_cycle"],
-            **({"postgres_statements": statements} if statements is not None else {}),
-            "cpu_cores_used": result["cpu_cores_used"],
-            "cpu_bound_cycles_per_s": result["cpu_bound_cycles_per_s"],
-            "machine": {
-                "cpus": os.cpu_count(),
-                "loadavg_before": [round(v, 2) for v in loadavg_before],
-                "loadavg_after": [round(v, 2) for v in loadavg_after],
-                "other_busy_cores": result["other_busy_cores"],
-            },
-            "config": {
-                "duration_s": options.duration,
-                "warmup_s": options.warmup,
-                "virtual_workers": options.virtual_workers,
-                "clusters": options.clusters,
-                "gunicorn": f"{options.gunicorn_workers} workers x {options.gunicorn_threads} threads ({options.gunicorn_class})",
-                "postgres_fsync": options.fsync,
-                "campaign_params": options.campaign_params,
-            },
-        }
-    except BaseException:
-        print(f"benchmark failed; gunicorn's log is kept in {workdir}", file=sys.stderr)
-        raise
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-    finally:
-        if gunicorn is not None:
+            time.sleep(max(0.0, window[0] - time.monotonic()))
+            if options.statements:
+                reset_statements(url)
+            cpu0, busy0 = sample()
+            time.sleep(max(0.0, window[1] - time.monotonic()))
+            cpu1, busy1 = sample()
+            load: LoadResult = queue.get(timeout=120)
+            loader.join(timeout=30)
+            loadavg_after = os.getloadavg()
             stop_process_group(gunicorn)
-        if redis_server is not None:
-            redis_server.stop()
-        server.stop()
+            gunicorn = None
+
+            result = summarize(load, window, {k: cpu1[k] - cpu0[k] for k in cpu1}, busy1 - busy0)
+            statements = (
+                top_statements(url, options.statements, result["cycles"])
+                if options.statements
+                else None
+            )
+            checks = check_database(url, seeded.campaign_id, seeded.tree_id)
+            pgbench = run_pgbench(server, "bench", options.pgbench_seconds, options.pgbench_clients)
+            duplicates = {
+                "questions_served_twice": load.served_twice + checks["hits_over_assigned"],
+                "answers_counted_twice": checks["answers_over_quota"]
+                + checks["miscounted_clusters"],
+                "acknowledged_as_duplicate": load.acknowledged_duplicates,
+            }
+            report = {
+                "benchmark": "crowd HIT cycle (claim 50+5 questions, submit 55 answers)",
+                "hit_cycles_per_s": result["cycles_per_s"],
+                "answers_per_s": result["answers_per_s"],
+                "latency_ms": result["latency_ms"],
+                "duplicates": duplicates,
+                "ledger": checks["ledger"],
+                "pgbench": pgbench,
+                "target": {
+                    "hit_cycles_per_s": TARGET_CYCLES_PER_S,
+                    "p99_request_ms": TARGET_P99_MS,
+                    "met": bool(
+                        result["cycles_per_s"] >= TARGET_CYCLES_PER_S
+                        and (result["latency_ms"]["request"]["p99"] or math.inf) < TARGET_P99_MS
+                        and not any(
+                            duplicates[k]
+                            for k in ("questions_served_twice", "answers_counted_twice")
+                        )
+                    ),
+                },
+                "cycles_measured": result["cycles"],
+                "no_work_answers": load.no_work,
+                "errors": load.errors,
+                "resumed_claims": load.resumed,
+                "database": {
+                    k: checks[k]
+                    for k in (
+                        "answers_stored",
+                        "clusters_decided",
+                        "decisions_mismatch",
+                        "assignments",
+                        "hits",
+                    )
+                },
+                "cpu_ms_per_cycle": result["cpu_ms_per_cycle"],
+                **({"postgres_statements": statements} if statements is not None else {}),
+                "cpu_cores_used": result["cpu_cores_used"],
+                "cpu_bound_cycles_per_s": result["cpu_bound_cycles_per_s"],
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "loadavg_before": [round(v, 2) for v in loadavg_before],
+                    "loadavg_after": [round(v, 2) for v in loadavg_after],
+                    "other_busy_cores": result["other_busy_cores"],
+                },
+                "config": {
+                    "duration_s": options.duration,
+                    "warmup_s": options.warmup,
+                    "virtual_workers": options.virtual_workers,
+                    "clusters": options.clusters,
+                    "gunicorn": f"{options.gunicorn_workers} workers x {options.gunicorn_threads} threads ({options.gunicorn_class})",
+                    "postgres_fsync": options.fsync,
+                    "campaign_params": options.campaign_params,
+                },
+            }
+        finally:
+            if gunicorn is not None:
+                stop_process_group(gunicorn)
+            if redis_server is not None:
+                redis_server.stop()
+            server.stop()
     if options.as_json:
         print(json.dumps(report, indent=2))
     else:
