@@ -273,6 +273,13 @@ FROM a, LATERAL (
 ) q
 """
 
+# The statement that writes the decided states and the money is re-planned on every call by
+# default (its array parameters make the generic plan's estimate look worse than a custom one,
+# though both are the same index probes). ``LOCAL``: the setting ends with the transaction.
+# Measured: planning costs ~230 us of PostgreSQL per call (``bench_service.py --statements``),
+# the ``SET`` ~75-90 us (``scripts/bench_request_overhead.py``).
+_GENERIC_PLANS = "SET LOCAL plan_cache_mode = force_generic_plan"
+
 _INSERT_ANSWERS = """
 INSERT INTO answers (question_id, assignment_id, worker_id, value, ms, discarded)
 SELECT q, %(assignment_id)s::integer, %(worker_id)s::integer, v, m, false
@@ -343,26 +350,6 @@ SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM closed),
      FROM counted)
 """
 
-# Spending the assignment's share: the campaign row (the hottest lock of all) and its ledger row.
-_PAY = """
-WITH moved AS (
-    -- No "enough reserved" condition here: if the reservation were short (a bookkeeping bug),
-    -- the table's CHECK (reserved_micros >= 0) fails the statement and the whole transaction.
-    UPDATE campaigns
-    SET reserved_micros = reserved_micros - %(amount)s::bigint,
-        spent_micros = spent_micros + %(amount)s::bigint
-    WHERE id = %(campaign_id)s::integer
-    RETURNING id
-)
-INSERT INTO ledger_entries (campaign_id, hit_id, kind, amount_micros, note)
-SELECT id, %(hit_id)s::integer, 'spend', %(amount)s::bigint, %(note)s FROM moved
-"""
-
-# The same, after writing the states the policy decided. Only sent when a state changes (about
-# a third of submissions): with empty arrays, PostgreSQL planned the statement anew on every
-# call (~230 us per call; ``bench_service.py --statements``), which a ``SET LOCAL
-# plan_cache_mode`` per transaction used to prevent at ~200 us of its own
-# (``scripts/bench_request_overhead.py``).
 _DECIDE_AND_PAY = """
 WITH states AS (
     UPDATE clusters c
@@ -580,7 +567,8 @@ def _complete(
     # and commit in the same round trip, so it is held for as short a time as possible. (The
     # session's own commit afterwards finds nothing left to do.)
     with conn.pipeline():
-        _run(conn, _DECIDE_AND_PAY if changed else _PAY, params)
+        conn.execute(_GENERIC_PLANS)
+        _run(conn, _DECIDE_AND_PAY, params)
         conn.commit()
 
 
