@@ -7,10 +7,11 @@ integration opens one session per request on first use and closes it at teardown
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
-from flask import Flask, current_app, g
+from flask import Flask, current_app, g, has_request_context, request
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
@@ -19,6 +20,10 @@ _EXTENSION_KEY = "maskmill.db"
 
 #: A pooled connection unused for longer than this is tested before it is handed out.
 IDLE_PING_SECONDS = 2.0
+#: Execution option of a session that only reads (SQLite: its transactions begin deferred).
+READS_ONLY = "maskmill_reads_only"
+
+View = TypeVar("View", bound=Callable)
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
@@ -47,14 +52,16 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin_immediate(connection) -> None:
-            # Every transaction takes SQLite's one write lock when it begins, waiting for it
-            # (busy_timeout) if another connection holds it. A transaction that began deferred,
+            # A transaction that may write takes SQLite's one write lock when it begins, waiting
+            # for it (busy_timeout) if another connection holds it. One that began deferred,
             # read, and then wrote would have to upgrade a snapshot another connection may have
             # written past meanwhile, which SQLite refuses at once ("database is locked")
-            # instead of waiting. The price: a read-only transaction waits for a writer too
-            # (WAL would have let it read alongside); the embedded default serves a demo or a
-            # laptop, where consistent reads before writes matter more than concurrent reads.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # instead of waiting. Sessions that only read (GET requests, see ``get_session``)
+            # begin deferred: in WAL mode they read alongside a writer instead of waiting for it.
+            if connection.get_execution_options().get(READS_ONLY):
+                connection.exec_driver_sql("BEGIN")
+            else:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     engine = create_engine(url, echo=echo, pool_size=10, max_overflow=20)
@@ -99,6 +106,10 @@ class Database:
         self.url = url
         self.engine = make_engine(url, echo=echo)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+        #: Sessions for requests that only read (the same pool).
+        self.reading_sessionmaker = sessionmaker(
+            self.engine.execution_options(**{READS_ONLY: True}), expire_on_commit=False
+        )
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -132,10 +143,25 @@ def get_database(app: Flask | None = None) -> Database:
     return (app or current_app).extensions[_EXTENSION_KEY]
 
 
+def writes(view: View) -> View:
+    """Mark a GET view that writes (put it right under the route decorator): its session
+    begins its transactions as every writer's do. Other GET views get a reading session."""
+    view.maskmill_writes = True
+    return view
+
+
+def _reads_only() -> bool:
+    if not has_request_context() or request.method not in ("GET", "HEAD"):
+        return False
+    view = current_app.view_functions.get(request.endpoint or "")
+    return not getattr(view, "maskmill_writes", False)
+
+
 def get_session() -> Session:
     """The request's session, opened on first use."""
     session = g.get("db_session")
     if session is None:
-        session = get_database().sessionmaker()
-        g.db_session = session
+        database = get_database()
+        factory = database.reading_sessionmaker if _reads_only() else database.sessionmaker
+        session = g.db_session = factory()
     return session

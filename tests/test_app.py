@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 
 import pytest
 from flask import request
+from sqlalchemy import text
 
 from service import migrate
 from service.app import create_app
-from service.db import get_database
+from service.db import get_database, get_session, writes
 from service.devservers import free_port
 from service.settings import Settings
 from tests.helpers import new_key
@@ -247,6 +249,43 @@ def test_sqlite_lock_refusal_is_a_503_not_a_500(sqlite_url, tmp_path):
         other.close()
         get_database(app).dispose()
     assert app.test_client().post("/write-after-read?wait_ms=1000").status_code == 200
+
+
+def test_sqlite_reads_do_not_wait_for_a_writer(sqlite_url, tmp_path):
+    """GET requests read alongside another connection's write (their transactions begin
+    deferred); a GET marked as writing begins its transaction as every writer does (here it waits
+    out a short busy timeout into the 503) and writes once the lock is free."""
+    app, path = _sqlite_app_with_write_route(sqlite_url, tmp_path)
+
+    @app.get("/read-then-write")
+    @writes
+    def read_then_write():
+        session = get_session()
+        session.connection().connection.driver_connection.execute("PRAGMA busy_timeout = 100")
+        session.execute(text("SELECT count(*) FROM api_keys")).scalar()
+        session.execute(
+            text("INSERT INTO api_keys (name, prefix, key_hash) VALUES ('z', 'z', 'z')")
+        )
+        session.commit()
+        return {"ok": True}
+
+    with get_database(app).session() as session:
+        _, headers = new_key(session, "reader")
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO api_keys (name, prefix, key_hash) VALUES ('y', 'y', 'y')")
+        started = time.monotonic()
+        response = app.test_client().get("/api/v1/projects", headers=headers)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        assert time.monotonic() - started < 5  # the busy timeout is 30 s: it did not wait
+        _assert_error(app.test_client().get("/read-then-write"), 503, "database_busy")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        get_database(app).dispose()
+    assert app.test_client().get("/read-then-write").status_code == 200
+    assert getattr(app.view_functions["work.get_qualification"], "maskmill_writes", False)
 
 
 def test_key_sees_only_its_own_projects(client, db):

@@ -37,7 +37,7 @@ from service.crowd import CrowdError, fastpath
 from service.crowd.hits import Claim, WorkerRow, claim, record_answers, refill
 from service.crowd.qualification import grade_test, qualification_params, start_test
 from service.crowd.quality import finalize_assignment
-from service.db import get_database, get_session
+from service.db import get_database, get_session, writes
 from service.errors import ApiError
 from service.models import Backend, Worker
 
@@ -180,6 +180,7 @@ def me(worker: WorkerRow):
 
 
 @bp.get("/qualification")
+@writes  # starts an attempt if none is open
 @worker_view
 def get_qualification(worker: WorkerRow):
     """The worker's qualification test (starts an attempt if none is open)."""
