@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import subprocess
@@ -134,29 +133,16 @@ def run_slice(stack: Stack, seconds: float, settle: float, *, measured: bool = T
     """Load one stack for ``settle + seconds``; record the measured part's rate and CPU."""
     start = time.monotonic()
     window = (start + settle, start + settle + seconds)
-    queue: mp.Queue = mp.get_context("fork").Queue()
-    loader = mp.get_context("fork").Process(
-        target=bench.run_load,
-        args=(stack.port, stack.seeded.tokens, window[1], queue),
-        daemon=True,
-    )
-    loader.start()
-    roots = {
+    servers = {
         "postgres": stack.postgres.process.pid,
         "gunicorn": stack.gunicorn.pid,
         "redis": stack.redis.process.pid,
-        "load": loader.pid,
     }
-    time.sleep(max(0.0, window[0] - time.monotonic()))
-    cpu0, busy0 = bench.tree_cpu(roots), bench.machine_busy()
-    time.sleep(max(0.0, window[1] - time.monotonic()))
-    cpu1, busy1 = bench.tree_cpu(roots), bench.machine_busy()
-    load: bench.LoadResult = queue.get(timeout=120)
-    loader.join(timeout=30)
+    load, cpu, busy = bench.load_and_measure(stack.port, stack.seeded.tokens, window, servers)
     stack.errors.extend(load.errors)
     if not measured:
         return
-    result = bench.summarize(load, window, {k: cpu1[k] - cpu0[k] for k in cpu1}, busy1 - busy0)
+    result = bench.summarize(load, window, cpu, busy)
     stack.slices.append(
         {
             "cycles_per_s": result["cycles_per_s"],

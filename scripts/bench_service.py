@@ -69,7 +69,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -626,6 +626,34 @@ def run_load(port: int, tokens: list[str], stop_at: float, out: mp.Queue) -> Non
     )
 
 
+def load_and_measure(
+    port: int,
+    tokens: list[str],
+    window: tuple[float, float],
+    servers: dict[str, int],
+    at_start: Callable[[], None] | None = None,
+) -> tuple[LoadResult, dict[str, float], float]:
+    """Run the load process until ``window`` ends (monotonic times); return what it recorded,
+    the CPU seconds each server (root pid, with its descendants) and the load process spent
+    inside the window, and the whole machine's busy seconds there. ``at_start`` runs just
+    before the window opens (e.g. to reset PostgreSQL's statement statistics)."""
+    queue: mp.Queue = mp.get_context("fork").Queue()
+    loader = mp.get_context("fork").Process(
+        target=run_load, args=(port, tokens, window[1], queue), daemon=True
+    )
+    loader.start()
+    roots = {**servers, "load": loader.pid}
+    time.sleep(max(0.0, window[0] - time.monotonic()))
+    if at_start is not None:
+        at_start()
+    cpu0, busy0 = tree_cpu(roots), machine_busy()
+    time.sleep(max(0.0, window[1] - time.monotonic()))
+    cpu1, busy1 = tree_cpu(roots), machine_busy()
+    load: LoadResult = queue.get(timeout=120)
+    loader.join(timeout=30)
+    return load, {k: cpu1[k] - cpu0[k] for k in cpu1}, busy1 - busy0
+
+
 # ----------------------------------------------------------------------------------- checks
 
 
@@ -940,35 +968,23 @@ def main(argv: list[str] | None = None) -> int:
             loadavg_before = os.getloadavg()
             begin = time.monotonic()
             window = (begin + options.warmup, begin + options.warmup + options.duration)
-            queue: mp.Queue = mp.get_context("fork").Queue()
-            loader = mp.get_context("fork").Process(
-                target=run_load, args=(port, seeded.tokens, window[1], queue), daemon=True
-            )
-            loader.start()
-
-            roots = {
+            servers = {
                 "postgres": server.process.pid,
                 "gunicorn": gunicorn.pid,
                 "redis": redis_server.process.pid,
-                "load": loader.pid,
             }
-
-            def sample() -> tuple[dict[str, float], float]:
-                return tree_cpu(roots), machine_busy()
-
-            time.sleep(max(0.0, window[0] - time.monotonic()))
-            if options.statements:
-                reset_statements(url)
-            cpu0, busy0 = sample()
-            time.sleep(max(0.0, window[1] - time.monotonic()))
-            cpu1, busy1 = sample()
-            load: LoadResult = queue.get(timeout=120)
-            loader.join(timeout=30)
+            load, cpu, busy = load_and_measure(
+                port,
+                seeded.tokens,
+                window,
+                servers,
+                at_start=(lambda: reset_statements(url)) if options.statements else None,
+            )
             loadavg_after = os.getloadavg()
             stop_process_group(gunicorn)
             gunicorn = None
 
-            result = summarize(load, window, {k: cpu1[k] - cpu0[k] for k in cpu1}, busy1 - busy0)
+            result = summarize(load, window, cpu, busy)
             statements = (
                 top_statements(url, options.statements, result["cycles"])
                 if options.statements
