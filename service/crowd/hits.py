@@ -150,9 +150,10 @@ _LIVE = (
 )
 _SWEEP_BATCH = 1000
 _PUBLIC_ID_BYTES = 16
-_PUBLIC_ID_SAFE = re.compile(r"[A-Za-z0-9_-]+")
+_PUBLIC_ID = r"[A-Za-z0-9_-]+"
+_PUBLIC_ID_SAFE = re.compile(_PUBLIC_ID)
 #: Comma-separated public ids, checked in one match (a build encodes hundreds).
-_PUBLIC_IDS_SAFE = re.compile(r"[A-Za-z0-9_-]+(?:,[A-Za-z0-9_-]+)*")
+_PUBLIC_IDS_SAFE = re.compile(rf"{_PUBLIC_ID}(?:,{_PUBLIC_ID})*")
 _LEASE_EXPIRED = "lease expired before the HIT was done"
 #: Reservation races lost in a row before a claim gives up building (it answers ``no_work``).
 _BUILD_ATTEMPTS = 3
