@@ -273,12 +273,6 @@ FROM a, LATERAL (
 ) q
 """
 
-# The statement that writes the decided states and the money is re-planned on every call by
-# default (its array parameters make the generic plan's estimate look worse than a custom one,
-# though both are the same index probes). ``LOCAL``: the setting ends with the transaction.
-# Measured: planning costs ~230 us of PostgreSQL per call (``bench_service.py --statements``),
-# the ``SET`` ~75-90 us (``scripts/bench_request_overhead.py``).
-_GENERIC_PLANS = "SET LOCAL plan_cache_mode = force_generic_plan"
 
 _INSERT_ANSWERS = """
 INSERT INTO answers (question_id, assignment_id, worker_id, value, ms, discarded)
@@ -347,7 +341,14 @@ SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM closed),
     (SELECT gold_correct FROM scored), (SELECT gold_total FROM scored),
     (SELECT json_agg(json_build_array(id, tree_id, parent_id, lo, hi, size, score, state,
                                       yes_count, no_count, open_questions))
-     FROM counted)
+     FROM counted),
+    -- For the rest of this transaction (``is_local``): the next statement, which writes the
+    -- decided states and the money, would otherwise be re-planned on every call (its array
+    -- parameters make the generic plan's estimate look worse than a custom one, though both are
+    -- the same index probes): ~230 us of PostgreSQL per call (``bench_service.py
+    -- --statements``). Set here rather than by a ``SET LOCAL`` statement of its own, which
+    -- cost ~75-90 us more (``scripts/bench_request_overhead.py``).
+    set_config('plan_cache_mode', 'force_generic_plan', true)
 """
 
 _DECIDE_AND_PAY = """
@@ -546,7 +547,7 @@ def _complete(
         dn=[deltas[c][1] for c in cids],
         dc=[deltas[c][2] for c in cids],
     )
-    inserted, _, _, worker_total, counted = _run(conn, _COMPLETE, params).fetchone()
+    inserted, _, _, worker_total, counted, _ = _run(conn, _COMPLETE, params).fetchone()
     if inserted != len(new) or worker_total is None:
         raise Fallback("the assignment changed under the submission")
     changed, splits = _decide(counted or [], campaign.policy)
@@ -563,13 +564,13 @@ def _complete(
         "hit_id": hit_id,
         "note": f"assignment {rows['assignment_id']} approved",
     }
-    # The campaign row is the hottest lock of all: take it in the transaction's last statement
-    # and commit in the same round trip, so it is held for as short a time as possible. (The
-    # session's own commit afterwards finds nothing left to do.)
-    with conn.pipeline():
-        conn.execute(_GENERIC_PLANS)
-        _run(conn, _DECIDE_AND_PAY, params)
-        conn.commit()
+    # The campaign row is the hottest lock of all: it is taken in the transaction's last
+    # statement, and the commit follows at once. (The session's own commit afterwards finds
+    # nothing left to do.) Not in one psycopg pipeline with the commit: entering and leaving
+    # pipeline mode costs the web process more CPU than the round trip it saves (a statement
+    # plus commit, 100 calls: 0.31-0.45 ms of client CPU per call pipelined, 0.25-0.29 plain).
+    _run(conn, _DECIDE_AND_PAY, params)
+    conn.commit()
 
 
 def _decide(
