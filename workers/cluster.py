@@ -9,7 +9,13 @@ database -- trees, cluster rows, gold items and the round's ``ready`` status -- 
 transaction at the end, after the tree files are in storage. That makes the job idempotent:
 
 * a retry after a crash before the commit starts clean (nothing of the failed attempt is in the
-  database; tree files are overwritten atomically with the same content);
+  database);
+* every attempt writes its tree files under keys of its own (:func:`tree_key`), and the rows
+  that commit name the files of the attempt that committed them. An attempt racing a committed
+  one therefore cannot overwrite the files the crowd's cluster ranges refer to (leaf order is
+  seeded, but not proven bit-identical across machines and BLAS builds); an attempt that fails
+  or loses the race deletes the files it wrote (one killed outright leaves them behind,
+  unreferenced);
 * a retry after the commit (the worker died before the job was recorded finished, a reconciler
   re-enqueued it, a late duplicate) finds the round ``ready`` and changes nothing. Rebuilding would
   replace cluster rows the crowd may already be answering about, so it is never done;
@@ -22,6 +28,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
+import secrets
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +56,8 @@ from service.models import (
     Split,
     Tree,
 )
+
+log = logging.getLogger(__name__)
 
 GEOMETRY_FEATURES = ("log_area", "aspect", "fill", "cx", "cy")
 
@@ -84,8 +94,19 @@ def geometry_features(rles: list[dict[str, Any]]) -> np.ndarray:
     ).astype(np.float32)
 
 
-def tree_key(project_id: int, round_number: int, class_id: int) -> str:
-    return f"projects/{project_id}/rounds/{round_number}/trees/class-{class_id}.npz"
+def tree_key(project_id: int, round_number: int, class_id: int, attempt: str) -> str:
+    """Where one attempt of a round's cluster job writes a class's tree file."""
+    return f"projects/{project_id}/rounds/{round_number}/trees/class-{class_id}-{attempt}.npz"
+
+
+def _delete_quietly(ctx: JobContext, keys: list[str]) -> None:
+    """Remove an attempt's unreferenced tree files; a failure to do so must not mask the outcome
+    (or the error) of the job itself."""
+    for key in keys:
+        try:
+            ctx.storage.delete(key)
+        except Exception:
+            log.warning("could not delete the unreferenced tree file %s", key, exc_info=True)
 
 
 def built_summary(session: Any, round_id: int) -> dict[str, Any] | None:
@@ -172,27 +193,34 @@ def build_trees(ctx: JobContext, *, round_id: int, predictions_key: str) -> dict
                 }
             )
 
+    attempt = secrets.token_hex(8)
     built: list[ClassTree] = []
-    classes = sorted(pool)
-    for done, class_id in enumerate(classes):
-        indices = pool[class_id]
-        ctx.progress(0.05 + 0.85 * done / max(len(classes), 1), f"class {class_id}: tree")
-        built.append(
-            _build_class_tree(
-                ctx,
-                predictions,
-                indices,
-                class_id,
-                class_names.get(class_id, str(class_id)),
-                project_id,
-                round_number,
-                params,
+    try:
+        classes = sorted(pool)
+        for done, class_id in enumerate(classes):
+            indices = pool[class_id]
+            ctx.progress(0.05 + 0.85 * done / max(len(classes), 1), f"class {class_id}: tree")
+            built.append(
+                _build_class_tree(
+                    ctx,
+                    predictions,
+                    indices,
+                    class_id,
+                    class_names.get(class_id, str(class_id)),
+                    project_id,
+                    round_number,
+                    params,
+                    attempt=attempt,
+                )
             )
-        )
 
-    ctx.progress(0.92, "writing cluster rows")
-    written = _write_rows(ctx, project_id, round_id, params, built, gold_rows)
-    if written is None:  # an attempt running alongside committed first
+        ctx.progress(0.92, "writing cluster rows")
+        written = _write_rows(ctx, project_id, round_id, params, built, gold_rows)
+    except BaseException:
+        _delete_quietly(ctx, [item.key for item in built])
+        raise
+    if written is None:  # an attempt running alongside committed first: its files are in use
+        _delete_quietly(ctx, [item.key for item in built])
         with ctx.database.session() as session:
             return built_summary(session, round_id) or {}
     clusters, gold = written
@@ -213,6 +241,8 @@ def _build_class_tree(
     project_id: int,
     round_number: int,
     params: PolicyParams,
+    *,
+    attempt: str,
 ) -> ClassTree:
     items = [predictions[i] for i in indices]
     rles = [item["segmentation"] for item in items]
@@ -240,7 +270,7 @@ def _build_class_tree(
             "policy": params.to_dict(),
         },
     )
-    key = tree_key(project_id, round_number, class_id)
+    key = tree_key(project_id, round_number, class_id, attempt)
     with ctx.storage.open_write(key) as handle:
         write_tree_file(handle, tree_file)
     return ClassTree(class_id, key, ctx.storage.uri(key), tree, len(items))

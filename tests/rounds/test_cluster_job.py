@@ -183,6 +183,8 @@ def test_a_crash_before_the_commit_leaves_nothing_and_the_retry_writes_it_all(
     with pytest.raises(ConnectionError):
         _build(fast, clustering_round)
     assert _rows(clustering_round) == clustering_round["before"]  # not one row of the attempt
+    with job_context_for_tests(fast) as ctx:  # nor one of its tree files
+        assert _tree_files(ctx, clustering_round["pid"]) == {}
     with clustering_round["database"].session() as session:
         status = session.scalar(
             select(Round.status).where(Round.id == clustering_round["round_id"])
@@ -219,6 +221,50 @@ def test_an_attempt_racing_a_committed_one_writes_nothing(clustering_round, fast
     # Each held-out prediction became gold once.
     identities = [(g[1], g[2], json.dumps(g[3], sort_keys=True)) for g in rows["gold"]]
     assert len(identities) == len(set(identities))
+
+
+def _tree_files(ctx: JobContext, pid: int) -> dict[str, bytes]:
+    """Every tree file the project's round 1 has in storage, by file name."""
+    folder = ctx.storage.path(f"projects/{pid}/rounds/1/trees/x").parent
+    return {path.name: path.read_bytes() for path in sorted(folder.glob("*.npz"))}
+
+
+def test_an_attempt_losing_the_race_leaves_the_committed_tree_files_alone(
+    clustering_round, fast, monkeypatch
+):
+    """The other attempt commits before this one has written a single tree file. This one's
+    trees differ (here: on purpose), yet the files the committed rows name keep the committed
+    content, and this attempt's own files are gone once it sees it lost."""
+    real_write = cluster_job.write_tree_file
+    inner = False
+
+    def write(handle, tree_file, **kwargs):
+        real_write(handle, tree_file, **kwargs)
+        if not inner:
+            handle.write(b"-- a different build of the same tree --")
+
+    monkeypatch.setattr(cluster_job, "write_tree_file", write)
+    committed: dict[str, bytes] = {}
+    with job_context_for_tests(fast) as outer:
+
+        def progress(payload: dict[str, Any]) -> None:
+            nonlocal inner
+            if payload["message"].endswith(": tree") and not committed:
+                inner = True
+                _build(fast, clustering_round)  # the other attempt, start to commit
+                inner = False
+                committed.update(_tree_files(outer, clustering_round["pid"]))
+
+        ctx = JobContext(outer.job_id, outer.settings, outer.database, outer.storage, progress)
+        result = _build(fast, clustering_round, ctx)
+        assert result["skipped"] and len(committed) == 2
+        with clustering_round["database"].session() as session:
+            uris = session.scalars(
+                select(Tree.uri).where(Tree.round_id == clustering_round["round_id"])
+            ).all()
+        named = {outer.storage.key_from_uri(uri).rsplit("/", 1)[1] for uri in uris}
+        assert named == set(committed)
+        assert _tree_files(outer, clustering_round["pid"]) == committed
 
 
 def test_a_late_retry_keeps_the_crowds_decisions(clustering_round, fast):
