@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flask import Flask
 from flask.sessions import NullSession, SessionInterface
+from werkzeug.wsgi import ClosingIterator
 
 from service import db, errors
 from service.settings import Settings, settings_from
@@ -30,6 +31,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         JSON_SORT_KEYS=False,
     )
     app.session_interface = NoCookieSessions()
+    app.wsgi_app = ReadUnreadBody(app.wsgi_app, limit=2 * settings.max_body_bytes)
     app.extensions["maskmill.settings"] = settings
     app.extensions["maskmill.storage"] = open_storage(settings.storage_url)
     db.init_app(app, db.Database(settings.database_url))
@@ -64,6 +66,37 @@ class NoCookieSessions(SessionInterface):
 
     def save_session(self, app: Flask, session: Any, response: Any) -> None:
         return None
+
+
+class ReadUnreadBody:
+    """Read what is left of a request's body once the service has answered.
+
+    A request refused before its body is read (over ``MASKMILL_MAX_BODY_BYTES``, or a bad key)
+    leaves the body unread. gunicorn then closes the connection with data unread, so the kernel
+    resets it, and a sender still writing the body loses the answer: behind deploy/nginx.conf,
+    nginx then answers its own HTML 502 instead of the service's JSON error
+    (``tests/test_deploy.py``). Bodies up to ``limit`` bytes (nginx's ``client_max_body_size``
+    by default) are read and dropped; a larger one is not worth reading, and its sender is cut
+    off as before. Costs one empty read on a request whose body was read.
+    """
+
+    def __init__(self, app: Callable[..., Any], *, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        # When the response is closed: a view may read its body while its response streams.
+        return ClosingIterator(self.app(environ, start_response), lambda: self._read_rest(environ))
+
+    def _read_rest(self, environ: dict[str, Any]) -> None:
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            return
+        if 0 < length <= self.limit:
+            stream = environ["wsgi.input"]
+            while length > 0 and (chunk := stream.read(min(length, 1 << 16))):
+                length -= len(chunk)
 
 
 def get_settings(app: Flask | None = None) -> Settings:

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import json
 import multiprocessing
+import os
 import runpy
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+from service.auth import create_api_key
+from service.devservers import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
 
 
 def _gunicorn_config(monkeypatch, **env: str) -> dict:
@@ -47,3 +64,371 @@ def test_compose_runs_sync_workers_only_behind_the_buffering_proxy():
     assert 'expose: ["8000"]' in compose
     assert "proxy_request_buffering on;" in nginx and "proxy_buffering on;" in nginx
     assert "server web:8000;" in nginx
+
+
+# --- The real proxy: deploy/nginx.conf run by nginx in front of gunicorn's sync shape. ---------
+#
+# The checks above read the files; these run them, because the sync shape is only safe if the
+# proxy really buffers whole requests, and a config nginx refuses would only show at deploy time.
+
+NGINX = Path("/usr/sbin/nginx")  # Debian's path; /usr/sbin is often not in PATH
+MAX_BODY_BYTES = 1024 * 1024  # the service's limit here; nginx's own is 128m
+SLOW_BODY_BYTES = 64 * 1024  # larger than nginx's in-memory body buffer: it goes to a temp file
+UPSTREAM_CLOSED_EARLY = "failed (32: Broken pipe) while sending request to upstream"
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    """The end of a log file for an assertion message (empty when the file was never written)."""
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+def _count_in_log(path: Path, text: str) -> int:
+    """How often nginx has logged ``text`` so far (to tell a known symptom from a new one)."""
+    return path.read_text(errors="replace").count(text) if path.exists() else 0
+
+
+def _replace_once(text: str, old: str, new: str) -> str:
+    """Replace ``old``, which must occur exactly once: an edit of deploy/nginx.conf that moves or
+    duplicates it must break these tests loudly, not leave them testing another config."""
+    count = text.count(old)
+    assert count == 1, f"deploy/nginx.conf should contain {old!r} exactly once, found {count}"
+    return text.replace(old, new)
+
+
+def nginx_config(text: str, upstream: str, listen_port: int, workdir: Path) -> str:
+    """deploy/nginx.conf's text, changed only where a run outside its container must differ: the
+    upstream and listen address, and every file nginx writes (pid, logs, request and response
+    temp files), which default to system paths (/run, /var/log/nginx, /var/lib/nginx)."""
+    text = _replace_once(text, "server web:8000;", f"server {upstream};")
+    text = _replace_once(text, "listen 80;", f"listen 127.0.0.1:{listen_port};")
+    http_files = "".join(
+        f"\n    {kind}_temp_path {workdir / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    http_files += f"\n    access_log {workdir / 'access.log'};"
+    text = _replace_once(text, "http {", "http {" + http_files)
+    top = f"pid {workdir / 'nginx.pid'};\nerror_log {workdir / 'error.log'};\n"
+    if os.geteuid() == 0:
+        # nginx started by root runs its workers as `nobody`, who cannot enter pytest's private
+        # (0700) tmp dir to write request bodies; as another user nginx ignores `user`.
+        top += "user root;\n"
+    return top + text
+
+
+def _nginx_command(workdir: Path, conf: Path) -> list[str]:
+    """nginx with its prefix and startup error log in ``workdir`` (not /usr/share/nginx, stderr)."""
+    if not NGINX.exists():
+        pytest.fail(f"{NGINX} is missing: run scripts/setup, which installs the nginx package")
+    return [str(NGINX), "-p", f"{workdir}/", "-e", str(workdir / "error.log"), "-c", str(conf)]
+
+
+def _write_nginx_config(workdir: Path, upstream: str, listen_port: int) -> Path:
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        nginx_config((DEPLOY / "nginx.conf").read_text(), upstream, listen_port, workdir)
+    )
+    return conf
+
+
+def _stop_process_group(process: subprocess.Popen) -> None:
+    """Stop a server started with ``start_new_session`` and all its workers, even if stuck."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+    with contextlib.suppress(ProcessLookupError):  # workers that outlived their master
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def _get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
+    return _request(port, "GET", path, headers=headers)
+
+
+def _request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10,
+) -> tuple[int, dict[str, str], bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def _wait_until_answering(
+    process: subprocess.Popen, port: int, path: str, log: Path, what: str
+) -> None:
+    """Wait for ``path`` to answer 200; fail with the log's tail if the process dies or stalls."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{what} exited with {process.returncode}:\n{_tail(log)}")
+        with contextlib.suppress(OSError):
+            if _request(port, "GET", path, timeout=2)[0] == 200:
+                return
+        time.sleep(0.1)
+    pytest.fail(f"{what} did not answer {path} within 30 s:\n{_tail(log)}")
+
+
+@dataclass(frozen=True)
+class Served:
+    """The running stack: gunicorn's port (to bypass the proxy), nginx's, nginx's error log
+    and an API key."""
+
+    gunicorn_port: int
+    nginx_port: int
+    nginx_log: Path
+    auth: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def api_key(migrated_pg_url: str) -> dict[str, str]:
+    """The Authorization header of a real key: the body limit and the slow request both need a
+    view that reads the body, and unauthenticated requests are answered before it is read."""
+    engine = create_engine(migrated_pg_url)
+    try:
+        with Session(engine) as session:
+            _, plaintext = create_api_key(session, "deploy")
+            session.commit()
+    finally:
+        engine.dispose()
+    return {"Authorization": f"Bearer {plaintext}"}
+
+
+@pytest.fixture(scope="module")
+def gunicorn_sync(
+    migrated_pg_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[int, Path]]:
+    """deploy/gunicorn.conf.py's sync shape with ONE worker, so one held request holds it all."""
+    workdir = tmp_path_factory.mktemp("gunicorn")
+    port = free_port()
+    env = dict(
+        os.environ,
+        MASKMILL_WORKER_CLASS="sync",
+        WEB_CONCURRENCY="1",
+        MASKMILL_BIND=f"127.0.0.1:{port}",
+        MASKMILL_DATABASE_URL=migrated_pg_url,
+        MASKMILL_STORAGE_URL=str(workdir / "storage"),
+        MASKMILL_IMAGE_ROOT=str(workdir / "images"),
+        MASKMILL_SECRET_KEY="deploy-secret",
+        MASKMILL_PUBLIC_URL=f"http://127.0.0.1:{port}",
+        MASKMILL_LOG_LEVEL="WARNING",
+        MASKMILL_REDIS_URL="",  # jobs in-process; no job is started here
+        MASKMILL_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
+    )
+    env.pop("MASKMILL_THREADS", None)
+    log = workdir / "gunicorn.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("gunicorn")),
+                "-c",
+                str(DEPLOY / "gunicorn.conf.py"),
+                # gunicorn >= 25 otherwise binds ~/.gunicorn/gunicorn.ctl, shared by every
+                # gunicorn of this user (benchmarks running alongside included).
+                "--control-socket",
+                str(workdir / "gunicorn.ctl"),
+                "service.app:create_app()",
+            ],
+            cwd=str(REPO),
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_until_answering(process, port, "/healthz", log, "gunicorn")
+        yield port, log
+    finally:
+        _stop_process_group(process)
+
+
+@pytest.fixture(scope="module")
+def served(
+    gunicorn_sync: tuple[int, Path],
+    api_key: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Served]:
+    """nginx in the foreground with deploy/nginx.conf, proxying to :func:`gunicorn_sync`."""
+    gunicorn_port, _ = gunicorn_sync
+    workdir = tmp_path_factory.mktemp("nginx")
+    port = free_port()
+    conf = _write_nginx_config(workdir, f"127.0.0.1:{gunicorn_port}", port)
+    log = workdir / "error.log"
+    with (workdir / "stdout.log").open("wb") as out:
+        process = subprocess.Popen(
+            [*_nginx_command(workdir, conf), "-g", "daemon off;"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_until_answering(process, port, "/healthz", log, "nginx")
+        yield Served(gunicorn_port, port, log, api_key)
+    finally:
+        _stop_process_group(process)
+
+
+def test_nginx_accepts_the_deploy_config(tmp_path: Path):
+    """`nginx -t`: the file parses and every directive is valid for the nginx Debian ships."""
+    conf = _write_nginx_config(tmp_path, f"127.0.0.1:{free_port()}", free_port())
+    result = subprocess.run(
+        [*_nginx_command(tmp_path, conf), "-t"], capture_output=True, text=True, timeout=30
+    )
+    output = result.stdout + result.stderr + _tail(tmp_path / "error.log")
+    assert result.returncode == 0, f"nginx -t rejected deploy/nginx.conf:\n{output}"
+
+
+def _json_error(status: int, headers: dict[str, str], body: bytes) -> dict:
+    """The service's error body, which must reach the client unchanged (not nginx's HTML)."""
+    assert headers.get("Content-Type") == "application/json", (status, headers, body[:300])
+    error = json.loads(body)["error"]
+    assert isinstance(error["message"], str) and error["message"], error
+    return error
+
+
+def test_the_proxy_passes_answers_and_json_errors_through(served: Served):
+    status, headers, body = _get(served.nginx_port, "/healthz")
+    assert status == 200, body
+    assert headers["Server"].startswith("nginx"), headers  # nginx answered, not gunicorn
+    assert json.loads(body)["status"] == "ok"
+
+    status, headers, body = _get(served.nginx_port, "/api/v1/projects")
+    assert status == 401
+    assert _json_error(status, headers, body)["code"] == "unauthorized"
+
+
+def test_the_service_not_nginx_answers_a_body_over_the_service_limit(served: Served):
+    """Above MASKMILL_MAX_BODY_BYTES but far below nginx's client_max_body_size, the service's
+    own JSON 413 must come back through the proxy (as the comment in deploy/nginx.conf says),
+    every time: before the service read the rest of refused bodies
+    (:class:`service.app.ReadUnreadBody`), a few percent of these came back as nginx's HTML 502
+    ("Broken pipe while sending request to upstream")."""
+    body = b" " * (2 * MAX_BODY_BYTES)
+    headers = {**served.auth, "Content-Type": "application/json"}
+    broken_pipes = _count_in_log(served.nginx_log, UPSTREAM_CLOSED_EARLY)
+    for _ in range(20):
+        status, response_headers, response = _request(
+            served.nginx_port, "POST", "/api/v1/projects", body=body, headers=headers
+        )
+        assert status == 413, (status, response[:500])
+        error = _json_error(status, response_headers, response)
+        assert error["code"] == "payload_too_large" and str(MAX_BODY_BYTES) in error["message"]
+    assert _count_in_log(served.nginx_log, UPSTREAM_CLOSED_EARLY) == broken_pipes
+
+
+def _slow_project_request(auth: dict[str, str]) -> tuple[bytes, bytes]:
+    """A project-creating POST split in two: headers with half the body, then the rest. The view
+    reads its body, so whoever runs it waits until the last byte arrives."""
+    document = json.dumps({"name": "slow client", "classes": ["chair"]}).encode()
+    body = document.ljust(SLOW_BODY_BYTES)  # JSON allows trailing whitespace
+    head = (
+        "POST /api/v1/projects HTTP/1.1\r\nHost: maskmill\r\nConnection: close\r\n"
+        f"Authorization: {auth['Authorization']}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    half = len(body) // 2
+    return head + body[:half], body[half:]
+
+
+def _send_healthz(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: maskmill\r\nConnection: close\r\n\r\n")
+    return sock
+
+
+def _read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """Read a ``Connection: close`` response to its end; check it is complete (Content-Length)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    assert int(fields["content-length"]) == len(body), data[:500]
+    return int(lines[0].split()[1]), body
+
+
+def _nothing_received(sock: socket.socket) -> bool:
+    """True when no byte (and no end of stream) has arrived yet on ``sock``."""
+    sock.setblocking(False)
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    finally:
+        sock.settimeout(10)
+    return False
+
+
+def test_a_slow_client_does_not_hold_the_only_sync_worker_behind_nginx(served: Served):
+    """Why the proxy exists: nginx reads the whole request before handing it to gunicorn, so a
+    client still sending its body (a crowd worker on a phone) holds no worker, and the one sync
+    worker serves others meanwhile."""
+    first_part, rest = _slow_project_request(served.auth)
+    with socket.create_connection(("127.0.0.1", served.nginx_port), timeout=10) as slow:
+        slow.sendall(first_part)
+        with _send_healthz(served.nginx_port) as other:
+            status, body = _read_response(other)
+        assert status == 200, body
+        # ... and the first request was still waiting for its body, not answered or dropped.
+        assert _nothing_received(slow)
+        slow.sendall(rest)
+        status, body = _read_response(slow)
+    assert status == 201, body
+    assert json.loads(body)["name"] == "slow client"
+
+
+def test_without_the_proxy_the_slow_client_holds_the_only_sync_worker(served: Served):
+    """The control, showing the test above can fail: straight to gunicorn, the one sync worker
+    waits for the slow body and nobody else is served until it arrives."""
+    first_part, rest = _slow_project_request(served.auth)
+    with socket.create_connection(("127.0.0.1", served.gunicorn_port), timeout=10) as slow:
+        slow.sendall(first_part)
+        with _send_healthz(served.gunicorn_port) as other:
+            other.settimeout(2)
+            with pytest.raises(TimeoutError):
+                other.recv(1)
+            slow.sendall(rest)
+            status, body = _read_response(slow)
+            assert status == 201, body
+            # gunicorn lingers (up to 2 s) on a finished connection until the client closes it.
+            slow.close()
+            # Only now, the first request done, does the worker take the one that waited.
+            other.settimeout(10)
+            status, body = _read_response(other)
+            assert status == 200, body
+
+
+def test_a_refused_body_is_read_to_its_end_before_the_answer(served: Served):
+    """The service refuses a body over its limit without reading it; the body must still be
+    read to its end before the connection closes. Otherwise the server's kernel resets the
+    connection while the sender is still writing (unread data at close), and the sender --
+    nginx, in the deployment -- loses the answer: nginx then sends its own HTML 502 instead of
+    the service's JSON 413. Straight to gunicorn, so the reset shows to this test itself."""
+    body = b" " * (2 * MAX_BODY_BYTES)
+    head = (
+        "POST /api/v1/projects HTTP/1.1\r\nHost: maskmill\r\nConnection: close\r\n"
+        f"Authorization: {served.auth['Authorization']}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", served.gunicorn_port), timeout=10) as sock:
+            sock.sendall(head)
+            for start in range(0, len(body), 65536):
+                sock.sendall(body[start : start + 65536])
+                time.sleep(0.001)  # a sender that keeps writing while the answer is made
+            status, response = _read_response(sock)
+        assert status == 413, response[:300]
+        assert json.loads(response)["error"]["code"] == "payload_too_large"
