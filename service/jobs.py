@@ -71,6 +71,10 @@ class JobContext:
     database: Database
     storage: Storage
     _progress: Callable[[dict[str, Any]], None] = field(repr=False, default=lambda _p: None)
+    #: Whether a transient failure of this attempt is final: no retry follows it. As the
+    #: transport counts (RQ fixed the retries when the job was enqueued, from the enqueuing
+    #: app's settings, which the worker's may not match). True for a job called directly.
+    final_attempt: bool = True
 
     def progress(self, fraction: float, message: str = "", **extra: Any) -> None:
         payload = {"fraction": round(min(max(fraction, 0.0), 1.0), 4), "message": message, **extra}
@@ -101,9 +105,21 @@ def _set(database: Database, job_id: str, **values: Any) -> None:
         session.commit()
 
 
-def execute(job_id: str, *, settings: Settings | None = None, in_process: bool = False) -> Any:
-    """Run one attempt of a recorded job. This is what RQ calls (``service.jobs.execute``)."""
+def execute(
+    job_id: str,
+    *,
+    settings: Settings | None = None,
+    in_process: bool = False,
+    final_attempt: bool | None = None,
+) -> Any:
+    """Run one attempt of a recorded job. This is what RQ calls (``service.jobs.execute``).
+
+    ``final_attempt``: whether no retry follows a transient failure; by default, what RQ's job
+    says (its retries left).
+    """
     settings = settings or Settings.from_env()
+    if final_attempt is None:
+        final_attempt = in_process or _rq_retries_left() == 0
     database = Database(settings.database_url)
     try:
         with database.session() as session:
@@ -119,7 +135,14 @@ def execute(job_id: str, *, settings: Settings | None = None, in_process: bool =
             if not in_process:
                 _update_rq_meta(payload)
 
-        ctx = JobContext(job_id, settings, database, open_storage(settings.storage_url), report)
+        ctx = JobContext(
+            job_id,
+            settings,
+            database,
+            open_storage(settings.storage_url),
+            report,
+            final_attempt=final_attempt,
+        )
         try:
             result = resolve(func_name)(ctx, **kwargs)
         except _TRANSIENT as exc:
@@ -137,6 +160,15 @@ def execute(job_id: str, *, settings: Settings | None = None, in_process: bool =
         return result
     finally:
         database.dispose()
+
+
+def _rq_retries_left() -> int:
+    """How many more times RQ runs the current job if this attempt fails transiently (0 outside
+    an RQ worker)."""
+    from rq import get_current_job
+
+    job = get_current_job()
+    return (job.retries_left or 0) if job is not None else 0
 
 
 def _update_rq_meta(payload: dict[str, Any]) -> None:
@@ -175,11 +207,12 @@ class InProcessRunner:
 
     def _run(self, job_id: str) -> None:
         for attempt in range(len(self.retry_delays) + 1):
+            final = attempt == len(self.retry_delays)
             try:
-                execute(job_id, settings=self.settings, in_process=True)
+                execute(job_id, settings=self.settings, in_process=True, final_attempt=final)
                 return
             except _TRANSIENT:
-                if attempt == len(self.retry_delays):
+                if final:
                     database = Database(self.settings.database_url)
                     _set(database, job_id, status=JobStatus.FAILED)
                     database.dispose()

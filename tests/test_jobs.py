@@ -38,6 +38,15 @@ def redis_blip(ctx, *, key: str) -> dict:
     return {"calls": CALLS[key]}
 
 
+FINAL: dict[str, list[bool]] = {}
+
+
+def always_busy(ctx, *, key: str) -> None:
+    """Fails transiently every time, noting whether each attempt knew it was the last."""
+    FINAL.setdefault(key, []).append(ctx.final_attempt)
+    raise jobs.TransientJobError("database busy")
+
+
 @pytest.fixture(autouse=True)
 def allow_test_jobs(monkeypatch):
     monkeypatch.setattr(jobs, "_ALLOWED_PREFIXES", ("workers.", "service.", "tests."))
@@ -169,6 +178,25 @@ def test_rq_transient_failure_retried_then_reported(db, rq_settings, monkeypatch
     assert job.status is JobStatus.FAILED
     assert job.attempts == 3  # the first try and two retries
     assert "database busy" in job.error
+
+
+def test_a_job_knows_its_last_attempt_in_process(db, fast_settings):
+    enqueue(db, fast_settings, "tests.test_jobs.always_busy", job_id="final-1", key="in-process")
+    jobs.dispatcher_for(fast_settings).wait("final-1", timeout=30)
+    assert FINAL["in-process"] == [False, False, True]
+    assert _status(db, "final-1").status is JobStatus.FAILED
+
+
+def test_a_job_knows_its_last_attempt_as_rq_counts_it(db, rq_settings, monkeypatch):
+    """RQ's retries were fixed when the job was enqueued (the app's two delays); the worker's
+    own settings say four. The job must go by RQ's count: a round whose last attempt failed is
+    marked failed, not left waiting for a retry that never comes."""
+    monkeypatch.setenv("MASKMILL_DATABASE_URL", rq_settings.database_url)
+    monkeypatch.setenv("MASKMILL_JOB_RETRY_DELAYS", "0,0,0,0")  # the worker process's settings
+    enqueue(db, rq_settings, "tests.test_jobs.always_busy", job_id="final-rq", key="rq")
+    _work(rq_settings)
+    assert FINAL["rq"] == [False, False, True]
+    assert _status(db, "final-rq").status is JobStatus.FAILED
 
 
 def test_reconcile_requeues_after_redis_flush(db, rq_settings, monkeypatch):

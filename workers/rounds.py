@@ -94,22 +94,13 @@ def mark_failed(ctx: JobContext, round_id: int) -> None:
         session.commit()
 
 
-def _last_attempt(ctx: JobContext) -> bool:
-    """Whether a transient failure now is final (no retry left), as the dispatchers count."""
-    with ctx.database.session() as session:
-        job = session.get(Job, ctx.job_id)
-        if job is None:  # called directly, outside the job machinery: nothing will retry
-            return True
-        return job.attempts > len(ctx.settings.job_retry_delays)
-
-
 @contextmanager
 def failure_marks_round(ctx: JobContext, round_id: int) -> Iterator[None]:
     """Re-raise any error, first marking the round failed unless the job will be retried."""
     try:
         yield
     except _TRANSIENT:
-        if _last_attempt(ctx):
+        if ctx.final_attempt:
             mark_failed(ctx, round_id)
         raise
     except Exception:

@@ -211,6 +211,31 @@ def test_failing_stage_is_retried_then_reported(rq_app, synthetic_data, monkeypa
     )
 
 
+def test_the_round_fails_with_the_last_attempt_rq_makes(rq_app, synthetic_data, monkeypatch):
+    """The entry job's retries were fixed by the app that enqueued it (two); the worker's own
+    settings say four. The round must fail when RQ's last attempt fails, not wait for retries
+    that never come."""
+    monkeypatch.setenv("MASKMILL_JOB_RETRY_DELAYS", "0,0,0,0")  # the worker machine's settings
+    calls = []
+
+    def unreachable_queue(*args, **kwargs):
+        calls.append(1)
+        raise TransientJobError("Redis is restarting")
+
+    monkeypatch.setattr(rounds_job, "_enqueue_once", unreachable_queue)
+    client = rq_app.test_client()
+    with get_database(rq_app).session() as session:
+        _, headers = new_key(session, "rq-last")
+    pid = make_project(client, headers, synthetic_data, splits=("seed", "pool"))
+    start_round(client, headers, pid)
+    work(rq_app.extensions["maskmill.settings"].redis_url)
+
+    assert len(calls) == 3  # RQ's count: the first try and the app's two retries
+    with get_database(rq_app).session() as session:
+        stored = session.scalar(select(Round.status).where(Round.project_id == pid))
+    assert stored is RoundStatus.FAILED
+
+
 # --------------------------------------------------------------------------- in-process runs
 
 
