@@ -18,8 +18,9 @@ What runs where, all on loopback:
 * the web service: gunicorn serving ``service.app:create_app()`` configured by ``MASKMILL_*``
   variables, in the shape docker-compose deploys (``deploy/gunicorn.conf.py``): ``sync``
   workers, one per core plus one, each request taken by a free process (behind nginx in a
-  deployment; the proxy is not run here). ``--gunicorn-class gthread`` measures the shape for
-  gunicorn facing clients directly (2 workers x 2 threads by default: about two requests in
+  deployment: ``--proxy`` runs it, :class:`service.devservers.NginxServer` with
+  ``deploy/nginx.conf``, and the load goes through it). ``--gunicorn-class gthread`` measures
+  the shape for gunicorn facing clients directly (2 workers x 2 threads by default: about two requests in
   flight per core measured best on 2 cores);
 * Redis (:class:`service.devservers.RedisServer`): each built batch of HITs queues its render
   job in RQ, as in a deployment where job workers render overlays; no job worker runs here;
@@ -104,6 +105,7 @@ class Options:
     campaign_params: dict[str, Any]
     statements: int
     as_json: bool
+    proxy: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -146,6 +148,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
         metavar="N",
         help="also report the N statements PostgreSQL spent most time in (pg_stat_statements)",
     )
+    parser.add_argument(
+        "--proxy",
+        action="store_true",
+        help="send the load through nginx running deploy/nginx.conf, as docker-compose deploys it",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     for name in ("duration", "pgbench_seconds"):
@@ -185,6 +192,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         campaign_params=campaign_params,
         statements=max(0, args.statements),
         as_json=args.json,
+        proxy=args.proxy,
     )
 
 
@@ -943,7 +951,7 @@ def scratch_dir(prefix: str, what: str) -> Iterator[Path]:
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     from service import migrate
-    from service.devservers import PostgresServer, RedisServer
+    from service.devservers import NginxServer, PostgresServer, RedisServer
 
     settings = (
         {
@@ -955,6 +963,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = PostgresServer(fsync=options.fsync, settings=settings).start()
     redis_server = None
+    nginx = None
     gunicorn: subprocess.Popen | None = None
     with scratch_dir("maskmill-bench-", "benchmark") as workdir:
         try:
@@ -964,17 +973,23 @@ def main(argv: list[str] | None = None) -> int:
             seeded = seed_project(url, options.clusters)
             gunicorn, port = start_gunicorn(url, workdir, options, redis_server.url)
             seed_through_api(port, url, seeded, options)
-
-            loadavg_before = os.getloadavg()
-            begin = time.monotonic()
-            window = (begin + options.warmup, begin + options.warmup + options.duration)
             servers = {
                 "postgres": server.process.pid,
                 "gunicorn": gunicorn.pid,
                 "redis": redis_server.process.pid,
             }
+            load_port = port
+            if options.proxy:
+                config = (REPO / "deploy" / "nginx.conf").read_text()
+                nginx = NginxServer(config, f"127.0.0.1:{port}").start()
+                servers["nginx"] = nginx.process.pid
+                load_port = nginx.port
+
+            loadavg_before = os.getloadavg()
+            begin = time.monotonic()
+            window = (begin + options.warmup, begin + options.warmup + options.duration)
             load, cpu, busy = load_and_measure(
-                port,
+                load_port,
                 seeded.tokens,
                 window,
                 servers,
@@ -1050,9 +1065,12 @@ def main(argv: list[str] | None = None) -> int:
                     "gunicorn": f"{options.gunicorn_workers} workers x {options.gunicorn_threads} threads ({options.gunicorn_class})",
                     "postgres_fsync": options.fsync,
                     "campaign_params": options.campaign_params,
+                    "proxy": "nginx (deploy/nginx.conf)" if options.proxy else None,
                 },
             }
         finally:
+            if nginx is not None:
+                nginx.stop()
             if gunicorn is not None:
                 stop_process_group(gunicorn)
             if redis_server is not None:

@@ -1,4 +1,4 @@
-"""Throwaway PostgreSQL and Redis servers on loopback, for the test suite and the benchmarks.
+"""Throwaway PostgreSQL, Redis and nginx servers on loopback, for the test suite and the benchmarks.
 
 Each server lives in its own temporary directory, listens on a free 127.0.0.1 port, and is stopped
 (process group killed, directory removed) by :meth:`stop`, which is also registered with ``atexit`` so
@@ -231,3 +231,91 @@ class RedisServer(_Server):
             time.sleep(0.05)
         self.stop()
         raise ServerError("redis-server did not answer PING in time")
+
+
+#: Debian's path (/usr/sbin is often not on PATH); ``scripts/setup`` installs the package.
+NGINX = Path("/usr/sbin/nginx")
+
+
+def _replace_once(text: str, old: str, new: str) -> str:
+    """Replace ``old``, which must occur exactly once: a deployment config that no longer has it
+    (or has it twice) must fail loudly here, not run as some other config."""
+    count = text.count(old)
+    if count != 1:
+        raise ServerError(f"the nginx config should contain {old!r} exactly once, found {count}")
+    return text.replace(old, new)
+
+
+def nginx_config(text: str, upstream: str, listen_port: int, directory: Path) -> str:
+    """A deployment config (``deploy/nginx.conf``'s text) changed only where a run outside its
+    container must differ: the upstream and listen addresses, and every file nginx writes (pid,
+    logs, request and response temp files), which default to system paths."""
+    text = _replace_once(text, "server web:8000;", f"server {upstream};")
+    text = _replace_once(text, "listen 80;", f"listen 127.0.0.1:{listen_port};")
+    files = "".join(
+        f"\n    {kind}_temp_path {directory / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    files += f"\n    access_log {directory / 'access.log'};"
+    text = _replace_once(text, "http {", "http {" + files)
+    top = f"pid {directory / 'nginx.pid'};\nerror_log {directory / 'error.log'};\n"
+    if os.geteuid() == 0:
+        # nginx started by root runs its workers as `nobody`, who cannot enter this private
+        # (0700) directory to write request bodies; as another user nginx ignores `user`.
+        top += "user root;\n"
+    return top + text
+
+
+class NginxServer(_Server):
+    """nginx in the foreground on a free loopback port, running a deployment config
+    (:func:`nginx_config`) in front of ``upstream`` (``host:port``)."""
+
+    def __init__(self, config_text: str, upstream: str, *, port: int | None = None) -> None:
+        if not NGINX.exists():
+            raise ServerError(f"{NGINX} was not found: run scripts/test, which installs nginx")
+        self.port = port or free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="maskmill-nginx-"))
+        self.config = self.directory / "nginx.conf"
+        self.config.write_text(nginx_config(config_text, upstream, self.port, self.directory))
+        self.error_log = self.directory / "error.log"
+
+    def command(self, *extra: str) -> list[str]:
+        """nginx with its prefix and startup error log here (not /usr/share/nginx, stderr)."""
+        return [
+            str(NGINX),
+            "-p",
+            f"{self.directory}/",
+            "-e",
+            str(self.error_log),
+            "-c",
+            str(self.config),
+            *extra,
+        ]
+
+    def check(self) -> subprocess.CompletedProcess:
+        """``nginx -t``: whether nginx accepts the config (its verdict in the output)."""
+        return subprocess.run(self.command("-t"), capture_output=True, text=True, timeout=30)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        path = self.error_log
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def start(self, timeout: float = 30.0) -> NginxServer:
+        log = open(self.directory / "stdout.log", "wb")  # noqa: SIM115 - lives with the server
+        self.process = subprocess.Popen(
+            self.command("-g", "daemon off;"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._register()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"nginx exited early: {self.log_tail()}")
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise ServerError("nginx did not listen in time")

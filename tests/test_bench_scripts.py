@@ -26,12 +26,16 @@ def _run(script: str, *args: str, timeout: float = 240) -> dict:
     return json.loads(done.stdout)
 
 
-@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
-def test_bench_service_runs_and_checks_the_database(worker_class):
+@pytest.mark.parametrize(
+    ("worker_class", "proxy"), [("sync", False), ("gthread", False), ("sync", True)]
+)
+def test_bench_service_runs_and_checks_the_database(worker_class, proxy):
     """Both server shapes: sync workers close the connection after every response (the load's
-    client reconnects), gthread workers keep it alive."""
+    client reconnects), gthread workers keep it alive; and the deployed shape, sync workers
+    behind nginx, whose CPU is then counted too."""
     report = _run(
         "bench_service.py",
+        *(["--proxy"] if proxy else []),
         "--gunicorn-class", worker_class,
         "--duration", "3",
         "--warmup", "1",
@@ -48,6 +52,7 @@ def test_bench_service_runs_and_checks_the_database(worker_class):
     assert report["ledger"]["within_budget"] and report["ledger"]["consistent"]
     assert report["database"]["decisions_mismatch"] == 0
     assert report["pgbench"]["insert_tps"] > 0
+    assert (report["cpu_ms_per_cycle"].get("nginx", 0) > 0) is proxy
     assert len(report["postgres_statements"]) == 3
     assert set(report["cpu_ms_per_cycle"]) >= {"postgres", "gunicorn", "redis", "load", "total"}
     assert report["config"]["gunicorn"].endswith(f"({worker_class})")

@@ -22,7 +22,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
 from service.auth import create_api_key
-from service.devservers import free_port
+from service.devservers import NginxServer, ServerError, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -71,7 +71,6 @@ def test_compose_runs_sync_workers_only_behind_the_buffering_proxy():
 # The checks above read the files; these run them, because the sync shape is only safe if the
 # proxy really buffers whole requests, and a config nginx refuses would only show at deploy time.
 
-NGINX = Path("/usr/sbin/nginx")  # Debian's path; /usr/sbin is often not in PATH
 MAX_BODY_BYTES = 1024 * 1024  # the service's limit here; nginx's own is 128m
 SLOW_BODY_BYTES = 64 * 1024  # larger than nginx's in-memory body buffer: it goes to a temp file
 UPSTREAM_CLOSED_EARLY = "failed (32: Broken pipe) while sending request to upstream"
@@ -85,49 +84,6 @@ def _tail(path: Path, chars: int = 3000) -> str:
 def _count_in_log(path: Path, text: str) -> int:
     """How often nginx has logged ``text`` so far (to tell a known symptom from a new one)."""
     return path.read_text(errors="replace").count(text) if path.exists() else 0
-
-
-def _replace_once(text: str, old: str, new: str) -> str:
-    """Replace ``old``, which must occur exactly once: an edit of deploy/nginx.conf that moves or
-    duplicates it must break these tests loudly, not leave them testing another config."""
-    count = text.count(old)
-    assert count == 1, f"deploy/nginx.conf should contain {old!r} exactly once, found {count}"
-    return text.replace(old, new)
-
-
-def nginx_config(text: str, upstream: str, listen_port: int, workdir: Path) -> str:
-    """deploy/nginx.conf's text, changed only where a run outside its container must differ: the
-    upstream and listen address, and every file nginx writes (pid, logs, request and response
-    temp files), which default to system paths (/run, /var/log/nginx, /var/lib/nginx)."""
-    text = _replace_once(text, "server web:8000;", f"server {upstream};")
-    text = _replace_once(text, "listen 80;", f"listen 127.0.0.1:{listen_port};")
-    http_files = "".join(
-        f"\n    {kind}_temp_path {workdir / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    http_files += f"\n    access_log {workdir / 'access.log'};"
-    text = _replace_once(text, "http {", "http {" + http_files)
-    top = f"pid {workdir / 'nginx.pid'};\nerror_log {workdir / 'error.log'};\n"
-    if os.geteuid() == 0:
-        # nginx started by root runs its workers as `nobody`, who cannot enter pytest's private
-        # (0700) tmp dir to write request bodies; as another user nginx ignores `user`.
-        top += "user root;\n"
-    return top + text
-
-
-def _nginx_command(workdir: Path, conf: Path) -> list[str]:
-    """nginx with its prefix and startup error log in ``workdir`` (not /usr/share/nginx, stderr)."""
-    if not NGINX.exists():
-        pytest.fail(f"{NGINX} is missing: run scripts/setup, which installs the nginx package")
-    return [str(NGINX), "-p", f"{workdir}/", "-e", str(workdir / "error.log"), "-c", str(conf)]
-
-
-def _write_nginx_config(workdir: Path, upstream: str, listen_port: int) -> Path:
-    conf = workdir / "nginx.conf"
-    conf.write_text(
-        nginx_config((DEPLOY / "nginx.conf").read_text(), upstream, listen_port, workdir)
-    )
-    return conf
 
 
 def _stop_process_group(process: subprocess.Popen) -> None:
@@ -255,39 +211,36 @@ def gunicorn_sync(
 
 
 @pytest.fixture(scope="module")
-def served(
-    gunicorn_sync: tuple[int, Path],
-    api_key: dict[str, str],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Served]:
+def served(gunicorn_sync: tuple[int, Path], api_key: dict[str, str]) -> Iterator[Served]:
     """nginx in the foreground with deploy/nginx.conf, proxying to :func:`gunicorn_sync`."""
     gunicorn_port, _ = gunicorn_sync
-    workdir = tmp_path_factory.mktemp("nginx")
-    port = free_port()
-    conf = _write_nginx_config(workdir, f"127.0.0.1:{gunicorn_port}", port)
-    log = workdir / "error.log"
-    with (workdir / "stdout.log").open("wb") as out:
-        process = subprocess.Popen(
-            [*_nginx_command(workdir, conf), "-g", "daemon off;"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    nginx = NginxServer((DEPLOY / "nginx.conf").read_text(), f"127.0.0.1:{gunicorn_port}")
     try:
-        _wait_until_answering(process, port, "/healthz", log, "nginx")
-        yield Served(gunicorn_port, port, log, api_key)
+        nginx.start()
+        _wait_until_answering(nginx.process, nginx.port, "/healthz", nginx.error_log, "nginx")
+        yield Served(gunicorn_port, nginx.port, nginx.error_log, api_key)
     finally:
-        _stop_process_group(process)
+        nginx.stop()
 
 
-def test_nginx_accepts_the_deploy_config(tmp_path: Path):
+def test_nginx_accepts_the_deploy_config():
     """`nginx -t`: the file parses and every directive is valid for the nginx Debian ships."""
-    conf = _write_nginx_config(tmp_path, f"127.0.0.1:{free_port()}", free_port())
-    result = subprocess.run(
-        [*_nginx_command(tmp_path, conf), "-t"], capture_output=True, text=True, timeout=30
-    )
-    output = result.stdout + result.stderr + _tail(tmp_path / "error.log")
-    assert result.returncode == 0, f"nginx -t rejected deploy/nginx.conf:\n{output}"
+    nginx = NginxServer((DEPLOY / "nginx.conf").read_text(), f"127.0.0.1:{free_port()}")
+    try:
+        result = nginx.check()
+        output = result.stdout + result.stderr + nginx.log_tail()
+        assert result.returncode == 0, f"nginx -t rejected deploy/nginx.conf:\n{output}"
+    finally:
+        nginx.stop()
+
+
+def test_a_changed_deploy_config_is_refused_not_rewritten_wrongly():
+    """The places rewritten for a run outside docker-compose must each occur once."""
+    text = (DEPLOY / "nginx.conf").read_text()
+    with pytest.raises(ServerError, match="'server web:8000;' exactly once, found 2"):
+        NginxServer(text.replace("server web:8000;", "server web:8000; server web:8000;"), "x:1")
+    with pytest.raises(ServerError, match="'listen 80;' exactly once, found 0"):
+        NginxServer(text.replace("listen 80;", "listen 8080;"), "x:1")
 
 
 def _json_error(status: int, headers: dict[str, str], body: bytes) -> dict:
