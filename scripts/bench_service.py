@@ -62,7 +62,6 @@ import multiprocessing as mp
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -78,6 +77,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from service.devservers import stop_process_group  # noqa: E402 - needs REPO on the path
 
 QUESTIONS_PER_HIT = 50
 GOLD_PER_HIT = 5
@@ -369,21 +370,12 @@ def start_gunicorn(
 ) -> tuple[subprocess.Popen, int]:
     """gunicorn serving the service found in ``code_dir`` (its working directory, first on its
     import path: ``scripts/bench_compare.py`` serves another checkout the same way)."""
-    from service.devservers import free_port
+    from service.devservers import free_port, service_environment
 
     port = free_port()
-    env = dict(
-        os.environ,
-        MASKMILL_DATABASE_URL=database_url,
-        MASKMILL_STORAGE_URL=str(workdir / "storage"),
-        MASKMILL_IMAGE_ROOT=str(workdir / "images"),
-        MASKMILL_SECRET_KEY="bench-secret",
-        MASKMILL_PUBLIC_URL=f"http://127.0.0.1:{port}",
-        MASKMILL_LOG_LEVEL="WARNING",
-        # Jobs (each HIT batch's render job) go to RQ, as in a deployment: rendering is the job
-        # workers' CPU, not the web tier's. No worker runs here; the queue just fills.
-        MASKMILL_REDIS_URL=redis_url,
-    )
+    # Jobs (each HIT batch's render job) go to RQ, as in a deployment: rendering is the job
+    # workers' CPU, not the web tier's. No worker runs here; the queue just fills.
+    env = service_environment(database_url, workdir, port, MASKMILL_REDIS_URL=redis_url)
     gunicorn = Path(sys.executable).with_name("gunicorn")
     process = subprocess.Popen(
         [
@@ -418,19 +410,6 @@ def start_gunicorn(
         time.sleep(0.2)
     stop_process_group(process)
     raise RuntimeError("gunicorn did not answer /healthz in time")
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=5)
 
 
 def _clock_ticks() -> int:

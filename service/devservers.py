@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -56,29 +57,66 @@ def _drop_privileges_user() -> str | None:
     raise ServerError("running as root but no 'postgres' user exists to run PostgreSQL")
 
 
+def stop_process_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Stop a server started with ``start_new_session`` and everything in its process group:
+    SIGTERM, SIGKILL if it is still there after ``timeout`` seconds, and SIGKILL for workers that
+    outlived their master."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 class _Server:
     process: subprocess.Popen | None = None
     directory: Path
-
-    def _register(self) -> None:
-        atexit.register(self.stop)
+    #: What start-up errors call it, the log to read when it fails (``log_tail``), and where its
+    #: standard output and error go (the log, unless the server writes that file itself).
+    name: str
+    log_name: str
+    output_name: str | None = None
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=5)
+        if process is not None:
+            stop_process_group(process)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def log_tail(self, chars: int = 2000) -> str:
+        path = self.directory / self.log_name
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def _launch(self, args: list[str], ready: Callable[[], bool], timeout: float) -> None:
+        """Start the server (in a session of its own, stopped at exit too) and wait until
+        ``ready()``; stop it and raise :class:`ServerError` if it exits or is not ready in time."""
+        output = self.directory / (self.output_name or self.log_name)
+        log = open(output, "wb")  # noqa: SIM115 - lives with the server
+        self.process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        atexit.register(self.stop)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"{self.name} exited early: {self.log_tail()}")
+            if ready():
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise ServerError(f"{self.name} was not ready in time")
 
 
 class PostgresServer(_Server):
     """``initdb`` into a temp dir, then ``postgres`` on a free loopback port (trust auth)."""
+
+    name, log_name = "postgres", "postgres.log"
 
     def __init__(
         self,
@@ -140,29 +178,16 @@ class PostgresServer(_Server):
         ]
         for name, value in self.settings.items():
             options += ["-c", f"{name}={value}"]
-        log = open(self.directory / "postgres.log", "wb")  # noqa: SIM115 - lives with the server
-        self.process = subprocess.Popen(
-            self._cmd([str(self.bindir / "postgres"), "-D", str(datadir), *options]),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self._register()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerError(f"postgres exited early: {self.log_tail()}")
-            try:
-                with psycopg.connect(self.dsn("postgres"), connect_timeout=2):
-                    return self
-            except psycopg.OperationalError:
-                time.sleep(0.1)
-        self.stop()
-        raise ServerError("postgres did not accept connections in time")
+        args = self._cmd([str(self.bindir / "postgres"), "-D", str(datadir), *options])
+        self._launch(args, self._accepts_connections, timeout)
+        return self
 
-    def log_tail(self) -> str:
-        path = self.directory / "postgres.log"
-        return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+    def _accepts_connections(self) -> bool:
+        try:
+            with psycopg.connect(self.dsn("postgres"), connect_timeout=2):
+                return True
+        except psycopg.OperationalError:
+            return False
 
     def dsn(self, dbname: str) -> str:
         return f"host=127.0.0.1 port={self.port} user={self.user} dbname={dbname}"
@@ -183,6 +208,8 @@ class PostgresServer(_Server):
 
 class RedisServer(_Server):
     """``redis-server`` on a free loopback port, no persistence."""
+
+    name, log_name = "redis-server", "redis.log"
 
     def __init__(self, *, port: int | None = None) -> None:
         binary = shutil.which("redis-server")
@@ -212,25 +239,17 @@ class RedisServer(_Server):
             "--daemonize",
             "no",
         ]
-        log = open(self.directory / "redis.log", "wb")  # noqa: SIM115 - lives with the server
-        self.process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self._register()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerError("redis-server exited early")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock,
-            ):
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return self
-            time.sleep(0.05)
-        self.stop()
-        raise ServerError("redis-server did not answer PING in time")
+        self._launch(args, self._answers_ping, timeout)
+        return self
+
+    def _answers_ping(self) -> bool:
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock,
+        ):
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+        return False
 
 
 #: Debian's path (/usr/sbin is often not on PATH); ``scripts/setup`` installs the package.
@@ -268,7 +287,10 @@ def nginx_config(text: str, upstream: str, listen_port: int, directory: Path) ->
 
 class NginxServer(_Server):
     """nginx in the foreground on a free loopback port, running a deployment config
-    (:func:`nginx_config`) in front of ``upstream`` (``host:port``)."""
+    (:func:`nginx_config`) in front of ``upstream`` (``host:port``). Its error log is the one
+    to read (``log_tail``): nginx writes its own there, from start-up on."""
+
+    name, log_name, output_name = "nginx", "error.log", "stdout.log"
 
     def __init__(self, config_text: str, upstream: str, *, port: int | None = None) -> None:
         if not NGINX.exists():
@@ -296,26 +318,30 @@ class NginxServer(_Server):
         """``nginx -t``: whether nginx accepts the config (its verdict in the output)."""
         return subprocess.run(self.command("-t"), capture_output=True, text=True, timeout=30)
 
-    def log_tail(self, chars: int = 3000) -> str:
-        path = self.error_log
-        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
-
     def start(self, timeout: float = 30.0) -> NginxServer:
-        log = open(self.directory / "stdout.log", "wb")  # noqa: SIM115 - lives with the server
-        self.process = subprocess.Popen(
-            self.command("-g", "daemon off;"),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self._register()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerError(f"nginx exited early: {self.log_tail()}")
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise ServerError("nginx did not listen in time")
+        self._launch(self.command("-g", "daemon off;"), self._listens, timeout)
+        return self
+
+    def _listens(self) -> bool:
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        return False
+
+
+def service_environment(
+    database_url: str, workdir: Path, port: int, **extra: str
+) -> dict[str, str]:
+    """The environment of a web service process (gunicorn serving ``service.app:create_app()``)
+    listening on ``port``, with its storage and image root in ``workdir``; ``extra`` adds or
+    overrides ``MASKMILL_*`` (and gunicorn) variables."""
+    return dict(
+        os.environ,
+        MASKMILL_DATABASE_URL=database_url,
+        MASKMILL_STORAGE_URL=str(workdir / "storage"),
+        MASKMILL_IMAGE_ROOT=str(workdir / "images"),
+        MASKMILL_SECRET_KEY="throwaway-secret",
+        MASKMILL_PUBLIC_URL=f"http://127.0.0.1:{port}",
+        MASKMILL_LOG_LEVEL="WARNING",
+        **extra,
+    )

@@ -6,9 +6,7 @@ import contextlib
 import http.client
 import json
 import multiprocessing
-import os
 import runpy
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +20,13 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
 from service.auth import create_api_key
-from service.devservers import NginxServer, ServerError, free_port
+from service.devservers import (
+    NginxServer,
+    ServerError,
+    free_port,
+    service_environment,
+    stop_process_group,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -84,21 +88,6 @@ def _tail(path: Path, chars: int = 3000) -> str:
 def _count_in_log(path: Path, text: str) -> int:
     """How often nginx has logged ``text`` so far (to tell a known symptom from a new one)."""
     return path.read_text(errors="replace").count(text) if path.exists() else 0
-
-
-def _stop_process_group(process: subprocess.Popen) -> None:
-    """Stop a server started with ``start_new_session`` and all its workers, even if stuck."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=5)
-    with contextlib.suppress(ProcessLookupError):  # workers that outlived their master
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 def _get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
@@ -169,17 +158,13 @@ def gunicorn_sync(
     """deploy/gunicorn.conf.py's sync shape with ONE worker, so one held request holds it all."""
     workdir = tmp_path_factory.mktemp("gunicorn")
     port = free_port()
-    env = dict(
-        os.environ,
+    env = service_environment(
+        migrated_pg_url,
+        workdir,
+        port,
         MASKMILL_WORKER_CLASS="sync",
         WEB_CONCURRENCY="1",
         MASKMILL_BIND=f"127.0.0.1:{port}",
-        MASKMILL_DATABASE_URL=migrated_pg_url,
-        MASKMILL_STORAGE_URL=str(workdir / "storage"),
-        MASKMILL_IMAGE_ROOT=str(workdir / "images"),
-        MASKMILL_SECRET_KEY="deploy-secret",
-        MASKMILL_PUBLIC_URL=f"http://127.0.0.1:{port}",
-        MASKMILL_LOG_LEVEL="WARNING",
         MASKMILL_REDIS_URL="",  # jobs in-process; no job is started here
         MASKMILL_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
     )
@@ -207,7 +192,7 @@ def gunicorn_sync(
         _wait_until_answering(process, port, "/healthz", log, "gunicorn")
         yield port, log
     finally:
-        _stop_process_group(process)
+        stop_process_group(process)
 
 
 @pytest.fixture(scope="module")

@@ -181,6 +181,17 @@ def test_paint_over_fills_with_the_median_of_the_rest():
         train_job.paint_over(image, region[:3])
 
 
+def _start_round_on_rq(rq_app, synthetic_data, key_name: str) -> tuple[Any, dict, int]:
+    """A new project's first round (no detection), run by an RQ worker until nothing is left."""
+    client = rq_app.test_client()
+    with get_database(rq_app).session() as session:
+        _, headers = new_key(session, key_name)
+    pid = make_project(client, headers, synthetic_data, splits=("seed", "pool"))
+    start_round(client, headers, pid)
+    work(rq_app.extensions["maskmill.settings"].redis_url)
+    return client, headers, pid
+
+
 def test_failing_stage_is_retried_then_reported(rq_app, synthetic_data, monkeypatch):
     calls = []
 
@@ -189,12 +200,7 @@ def test_failing_stage_is_retried_then_reported(rq_app, synthetic_data, monkeypa
         raise TransientJobError("GPU fell off the bus")
 
     monkeypatch.setattr(train_job, "train", broken_train)
-    client = rq_app.test_client()
-    with get_database(rq_app).session() as session:
-        _, headers = new_key(session, "rq-fail")
-    pid = make_project(client, headers, synthetic_data, splits=("seed", "pool"))
-    start_round(client, headers, pid)
-    work(rq_app.extensions["maskmill.settings"].redis_url)
+    client, headers, pid = _start_round_on_rq(rq_app, synthetic_data, "rq-fail")
 
     assert len(calls) == 3  # the first try and the two retries of MASKMILL_JOB_RETRY_DELAYS
     job = client.get(f"/api/v1/jobs/train-p{pid}-r1", headers=headers).get_json()
@@ -223,12 +229,7 @@ def test_the_round_fails_with_the_last_attempt_rq_makes(rq_app, synthetic_data, 
         raise TransientJobError("Redis is restarting")
 
     monkeypatch.setattr(rounds_job, "_enqueue_once", unreachable_queue)
-    client = rq_app.test_client()
-    with get_database(rq_app).session() as session:
-        _, headers = new_key(session, "rq-last")
-    pid = make_project(client, headers, synthetic_data, splits=("seed", "pool"))
-    start_round(client, headers, pid)
-    work(rq_app.extensions["maskmill.settings"].redis_url)
+    _, _, pid = _start_round_on_rq(rq_app, synthetic_data, "rq-last")
 
     assert len(calls) == 3  # RQ's count: the first try and the app's two retries
     with get_database(rq_app).session() as session:
