@@ -266,6 +266,28 @@ def test_the_service_not_nginx_answers_a_body_over_the_service_limit(served: Ser
     assert _count_in_log(served.nginx_log, UPSTREAM_CLOSED_EARLY) == broken_pipes
 
 
+def test_a_body_over_the_proxy_limit_gets_the_same_json_error_from_nginx(served: Served):
+    """Beyond nginx's own client_max_body_size nginx answers itself, from the declared length
+    alone, in the service's error format (clients parse one kind of error body)."""
+    head = (
+        "POST /api/v1/projects HTTP/1.1\r\nHost: maskmill\r\nConnection: close\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {200 * 1024 * 1024}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", served.nginx_port), timeout=10) as sock:
+        sock.sendall(head)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head_text, _, body = data.partition(b"\r\n\r\n")
+    lines = head_text.decode("latin-1").split("\r\n")
+    headers = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    assert int(lines[0].split()[1]) == 413, data[:500]
+    assert headers["Server"].startswith("nginx")  # nginx's answer: the service never saw it
+    error = _json_error(413, headers, body)
+    assert error["code"] == "payload_too_large" and "128 MiB" in error["message"]
+
+
 def _slow_project_request(auth: dict[str, str]) -> tuple[bytes, bytes]:
     """A project-creating POST split in two: headers with half the body, then the rest. The view
     reads its body, so whoever runs it waits until the last byte arrives."""
