@@ -20,8 +20,8 @@ What runs where, all on loopback:
   workers, one per core plus one, each request taken by a free process (behind nginx in a
   deployment: ``--proxy`` runs it, :class:`service.devservers.NginxServer` with
   ``deploy/nginx.conf``, and the load goes through it). ``--gunicorn-class gthread`` measures
-  the shape for gunicorn facing clients directly (2 workers x 2 threads by default: about two requests in
-  flight per core measured best on 2 cores);
+  the shape for gunicorn facing clients directly (2 workers x 2 threads by default: about two
+  requests in flight per core measured best on 2 cores);
 * Redis (:class:`service.devservers.RedisServer`): each built batch of HITs queues its render
   job in RQ, as in a deployment where job workers render overlays; no job worker runs here;
 * the load: another process (``multiprocessing``), one thread per virtual worker, each with a
