@@ -1,4 +1,4 @@
-"""Throwaway PostgreSQL, Redis and nginx servers on loopback, for the test suite and the benchmarks.
+"""Throwaway PostgreSQL, Redis and nginx servers on loopback, for the tests and the benchmarks.
 
 Each server lives in its own temporary directory, listens on a free 127.0.0.1 port, and is stopped
 (process group killed, directory removed) by :meth:`stop`, which is also registered with ``atexit`` so
