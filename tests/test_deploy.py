@@ -176,7 +176,7 @@ def gunicorn_sync(
                 str(Path(sys.executable).with_name("gunicorn")),
                 "-c",
                 str(DEPLOY / "gunicorn.conf.py"),
-                # gunicorn >= 25 otherwise binds ~/.gunicorn/gunicorn.ctl, shared by every
+                # gunicorn >= 25.1 otherwise binds ~/.gunicorn/gunicorn.ctl, shared by every
                 # gunicorn of this user (benchmarks running alongside included).
                 "--control-socket",
                 str(workdir / "gunicorn.ctl"),
