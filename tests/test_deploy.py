@@ -269,23 +269,22 @@ def test_the_service_not_nginx_answers_a_body_over_the_service_limit(served: Ser
 def test_a_body_over_the_proxy_limit_gets_the_same_json_error_from_nginx(served: Served):
     """Beyond nginx's own client_max_body_size nginx answers itself, from the declared length
     alone, in the service's error format (clients parse one kind of error body)."""
-    head = (
-        "POST /api/v1/projects HTTP/1.1\r\nHost: maskmill\r\nConnection: close\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {200 * 1024 * 1024}\r\n\r\n"
-    ).encode()
     with socket.create_connection(("127.0.0.1", served.nginx_port), timeout=10) as sock:
-        sock.sendall(head)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head_text, _, body = data.partition(b"\r\n\r\n")
-    lines = head_text.decode("latin-1").split("\r\n")
-    headers = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    assert int(lines[0].split()[1]) == 413, data[:500]
+        sock.sendall(_project_post_head(200 * 1024 * 1024))
+        status, headers, body = _read_response(sock)
+    assert status == 413, body[:500]
     assert headers["Server"].startswith("nginx")  # nginx's answer: the service never saw it
     error = _json_error(413, headers, body)
     assert error["code"] == "payload_too_large" and "128 MiB" in error["message"]
+
+
+def _project_post_head(length: int, auth: dict[str, str] | None = None) -> bytes:
+    """The head of a raw ``POST /api/v1/projects`` announcing a body of ``length`` bytes."""
+    key = f"Authorization: {auth['Authorization']}\r\n" if auth else ""
+    return (
+        "POST /api/v1/projects HTTP/1.1\r\nHost: maskmill\r\nConnection: close\r\n"
+        f"{key}Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 def _slow_project_request(auth: dict[str, str]) -> tuple[bytes, bytes]:
@@ -293,11 +292,7 @@ def _slow_project_request(auth: dict[str, str]) -> tuple[bytes, bytes]:
     reads its body, so whoever runs it waits until the last byte arrives."""
     document = json.dumps({"name": "slow client", "classes": ["chair"]}).encode()
     body = document.ljust(SLOW_BODY_BYTES)  # JSON allows trailing whitespace
-    head = (
-        "POST /api/v1/projects HTTP/1.1\r\nHost: maskmill\r\nConnection: close\r\n"
-        f"Authorization: {auth['Authorization']}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
+    head = _project_post_head(len(body), auth)
     half = len(body) // 2
     return head + body[:half], body[half:]
 
@@ -308,16 +303,16 @@ def _send_healthz(port: int) -> socket.socket:
     return sock
 
 
-def _read_response(sock: socket.socket) -> tuple[int, bytes]:
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     """Read a ``Connection: close`` response to its end; check it is complete (Content-Length)."""
     data = b""
     while chunk := sock.recv(65536):
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
-    fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    assert int(fields["content-length"]) == len(body), data[:500]
-    return int(lines[0].split()[1]), body
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    assert int(fields["Content-Length"]) == len(body), data[:500]
+    return int(lines[0].split()[1]), fields, body
 
 
 def _nothing_received(sock: socket.socket) -> bool:
@@ -340,12 +335,12 @@ def test_a_slow_client_does_not_hold_the_only_sync_worker_behind_nginx(served: S
     with socket.create_connection(("127.0.0.1", served.nginx_port), timeout=10) as slow:
         slow.sendall(first_part)
         with _send_healthz(served.nginx_port) as other:
-            status, body = _read_response(other)
+            status, _, body = _read_response(other)
         assert status == 200, body
         # ... and the first request was still waiting for its body, not answered or dropped.
         assert _nothing_received(slow)
         slow.sendall(rest)
-        status, body = _read_response(slow)
+        status, _, body = _read_response(slow)
     assert status == 201, body
     assert json.loads(body)["name"] == "slow client"
 
@@ -361,13 +356,13 @@ def test_without_the_proxy_the_slow_client_holds_the_only_sync_worker(served: Se
             with pytest.raises(TimeoutError):
                 other.recv(1)
             slow.sendall(rest)
-            status, body = _read_response(slow)
+            status, _, body = _read_response(slow)
             assert status == 201, body
             # gunicorn lingers (up to 2 s) on a finished connection until the client closes it.
             slow.close()
             # Only now, the first request done, does the worker take the one that waited.
             other.settimeout(10)
-            status, body = _read_response(other)
+            status, _, body = _read_response(other)
             assert status == 200, body
 
 
@@ -378,17 +373,13 @@ def test_a_refused_body_is_read_to_its_end_before_the_answer(served: Served):
     nginx, in the deployment -- loses the answer: nginx then sends its own HTML 502 instead of
     the service's JSON 413. Straight to gunicorn, so the reset shows to this test itself."""
     body = b" " * (2 * MAX_BODY_BYTES)
-    head = (
-        "POST /api/v1/projects HTTP/1.1\r\nHost: maskmill\r\nConnection: close\r\n"
-        f"Authorization: {served.auth['Authorization']}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
+    head = _project_post_head(len(body), served.auth)
     for _ in range(5):
         with socket.create_connection(("127.0.0.1", served.gunicorn_port), timeout=10) as sock:
             sock.sendall(head)
             for start in range(0, len(body), 65536):
                 sock.sendall(body[start : start + 65536])
                 time.sleep(0.001)  # a sender that keeps writing while the answer is made
-            status, response = _read_response(sock)
+            status, _, response = _read_response(sock)
         assert status == 413, response[:300]
         assert json.loads(response)["error"]["code"] == "payload_too_large"
