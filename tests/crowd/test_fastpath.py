@@ -261,13 +261,15 @@ def test_the_claim_payload_is_stored_once_and_sent_verbatim(client, db):
 
 def test_payload_encoding():
     ids = new_public_ids(3)
-    assert all(re.fullmatch(r"[A-Za-z0-9_-]{22}", i) for i in [*ids, new_public_id()])
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{24}", i) for i in [*ids, new_public_id()])
     assert len(set(ids)) == 3
+    # One clock prefix for one call's ids; 96 random bits each after it.
+    assert len({i[:8] for i in ids}) == 1 and len({i[8:] for i in ids}) == 3
     text = encode_payload([(ids[0], 'say "chair"'), (ids[1], "café"), (ids[2], 'say "chair"')])
     assert json.loads(text) == [
-        {"class_name": 'say "chair"', "id": ids[0], "image_url": f"/media/q/{ids[0]}.jpg"},
-        {"class_name": "café", "id": ids[1], "image_url": f"/media/q/{ids[1]}.jpg"},
-        {"class_name": 'say "chair"', "id": ids[2], "image_url": f"/media/q/{ids[2]}.jpg"},
+        {"class_name": 'say "chair"', "id": ids[0], "image_url": hits.image_url(ids[0])},
+        {"class_name": "café", "id": ids[1], "image_url": hits.image_url(ids[1])},
+        {"class_name": 'say "chair"', "id": ids[2], "image_url": hits.image_url(ids[2])},
     ]
     for bad in ['x", "gold": "1', "a,b", ""]:  # checked in one match, the comma too
         with pytest.raises(ValueError, match=f"not a public id: {re.escape(repr(bad))}"):

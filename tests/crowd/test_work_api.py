@@ -269,7 +269,7 @@ def test_gold_is_indistinguishable_in_payloads(client, db):
     assert sorted(kinds.values()).count("gold") == 5
     for q in questions:
         assert set(q) == {"id", "image_url", "class_name"}
-        assert re.fullmatch(r"[A-Za-z0-9_-]{22}", q["id"])
+        assert re.fullmatch(r"[A-Za-z0-9_-]{24}", q["id"])
         assert q["image_url"] == f"/media/q/{q['id']}.jpg"
         assert q["class_name"] == "chair"
     # Shuffled: gold does not sit in a fixed block at the end (or the start).
