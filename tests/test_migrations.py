@@ -78,3 +78,35 @@ def test_models_match_migrations(pg_url):
         engine.dispose()
         migrate.downgrade(pg_url, "base")
     assert diff == [], f"models and migrations disagree: {diff}"
+
+
+def test_storage_parameters_match_the_models(pg_url):
+    """``compare_metadata`` does not look at storage parameters: the migrated tables' fillfactor
+    must still be what the models declare (the hot path's HOT updates depend on it), and going
+    down a revision must restore the old one."""
+    declared = {
+        table.name: table.dialect_options["postgresql"]["with"]
+        for table in Base.metadata.sorted_tables
+        if table.dialect_options["postgresql"]["with"]
+    }
+    assert declared == {"questions": {"fillfactor": 45}}
+
+    def reloptions() -> dict[str, list[str] | None]:
+        engine = make_engine(pg_url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.exec_driver_sql(
+                    "SELECT relname, reloptions FROM pg_class WHERE relname = ANY(%(names)s)",
+                    {"names": list(declared)},
+                ).all()
+        finally:
+            engine.dispose()
+        return dict(rows)
+
+    try:
+        migrate.upgrade(pg_url)
+        assert reloptions() == {"questions": ["fillfactor=45"]}
+        migrate.downgrade(pg_url, "0002")
+        assert reloptions() == {"questions": ["fillfactor=80"]}
+    finally:
+        migrate.downgrade(pg_url, "base")
