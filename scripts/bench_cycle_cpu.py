@@ -90,7 +90,10 @@ def run_variant(server: Any, dbname: str, ddl: list[str], args: argparse.Namespa
         if ddl:
             with psycopg.connect(server.dsn(dbname), autocommit=True) as conn:
                 for statement in ddl:
-                    conn.execute(statement)
+                    try:
+                        conn.execute(statement)
+                    except psycopg.Error as exc:
+                        raise SystemExit(f"variant SQL {statement!r} failed: {exc}") from None
         seeded = seed_project(url, CLUSTERS)
         with tempfile.TemporaryDirectory(prefix="maskmill-cycle-cpu-") as storage:
             settings = Settings.from_env(

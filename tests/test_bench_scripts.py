@@ -130,3 +130,46 @@ def test_bench_request_overhead_runs():
     for part in ("claim", "read", "set_local"):
         for figures in report[part].values():
             assert figures["python_us"] > 0 and figures["postgres_us"] >= 0
+
+
+def test_bench_cycle_cpu_runs_its_variants_alternately():
+    report = _run(
+        "bench_cycle_cpu.py",
+        *("--cycles", "2", "--rounds", "2", "--warmup", "1", "--repeat", "2"),
+        *("--variant", "ff80=ALTER TABLE questions SET (fillfactor = 80)"),
+        *("--variant", "migrated="),
+    )
+    assert report["config"]["sql"] == {
+        "ff80": ["ALTER TABLE questions SET (fillfactor = 80)"],
+        "migrated": [],
+    }
+    for variant in report["variants"].values():
+        assert len(variant["rounds"]) == 4  # 2 rounds x 2 runs
+        assert variant["python_ms_per_cycle"] > 0 and variant["postgres_ms_per_cycle"] > 0
+        assert variant["postgres_per_python"] > 0
+        assert len(variant["hot_update_share"]) == 2
+        # Each cycle closed a HIT's questions; as migrated, every close was in place.
+        assert all(0 < run["questions"] <= 1 for run in variant["hot_update_share"])
+    assert all(
+        run["questions"] == 1.0 for run in report["variants"]["migrated"]["hot_update_share"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--variant", "no equals sign"], "--variant must be NAME=SQL"),
+        (["--variant", "a=", "--variant", "a=SELECT 1"], "variant names must differ"),
+        (["--variant", "bad=ALTER TABLE nowhere SET (fillfactor = 50)"], "variant SQL"),
+    ],
+)
+def test_bench_cycle_cpu_refuses_bad_variants(args, message):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_cycle_cpu.py"), "--cycles", "1", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and message in done.stderr
+    assert "Traceback" not in done.stderr
