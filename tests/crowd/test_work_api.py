@@ -24,6 +24,7 @@ from tests.crowd.world import (
     add_gold,
     add_tree,
     block_world,
+    check_built_hits,
     correct_answers,
     do_hit,
     invite,
@@ -391,3 +392,15 @@ def test_hits_past_their_lifetime_are_retired_and_their_money_released(client, d
     progress = client.get(f"/api/v1/campaigns/{campaign['id']}", headers=world.headers).get_json()
     assert progress["hits"]["expired"] == 2 and progress["reserved_usd"] == 0
     assert progress["clusters"]["active"] == 0 and progress["clusters"]["candidate"] == 4
+
+
+def test_a_build_stores_each_hit_with_its_own_questions(client, db):
+    world = _world_with_work(client, db, "batch", blocks="GGGGGGGG")
+    campaign = world.campaign(
+        client, questions_per_hit=6, gold_per_hit=2, params={"hits_per_build": 5}
+    )
+    built = build_hits(db, load_campaign(db, campaign["id"]))
+    db.commit()
+    assert len(built) == 3  # the root's 15 samples, 6 to a HIT
+    check_built_hits(db, built, gold_per_hit=2)
+    db.rollback()

@@ -312,3 +312,24 @@ def ranges(db: Session, world: World, state: ClusterState) -> set[tuple[int, int
     ).all()
     db.rollback()
     return {(int(lo), int(hi)) for lo, hi in rows}
+
+
+def check_built_hits(db: Session, hit_ids: list[int], gold_per_hit: int) -> None:
+    """Each HIT's stored payload lists its own questions, in their positions, with the class
+    name and image URL of each; and each has its hidden gold. A build inserts many HITs and all
+    their questions in two statements, so a HIT id matched to the wrong payload would show."""
+    from service.crowd.hits import image_url, question_payload
+
+    assert hit_ids == sorted(hit_ids) and len(set(hit_ids)) == len(hit_ids)
+    for hit_id in hit_ids:
+        rows = db.execute(
+            select(Question.public_id, Question.kind, Question.position)
+            .where(Question.hit_id == hit_id)
+            .order_by(Question.position)
+        ).all()
+        assert [position for _, _, position in rows] == list(range(len(rows)))
+        assert question_payload(db, hit_id) == [
+            {"class_name": "chair", "id": public_id, "image_url": image_url(public_id)}
+            for public_id, _, _ in rows
+        ]
+        assert sum(kind is QuestionKind.GOLD for _, kind, _ in rows) == gold_per_hit
