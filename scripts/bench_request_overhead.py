@@ -7,7 +7,9 @@ The crowd hot path's choices that these figures back (issue 4):
 * ``flask``: an empty route through the app's WSGI callable, with Flask's default cookie session
   interface and with :class:`service.app.NoCookieSessions` (what the app uses);
 * ``claim``: one autocommitted write through a SQLAlchemy session switched to autocommit (what
-  the fast claim does) against BEGIN + the write + COMMIT sent in one psycopg pipeline;
+  the fast claim did until session 6), on the thread's held autocommit connection
+  (:meth:`service.db.Database.autocommit_connection`, what it does now), and as BEGIN + the
+  write + COMMIT sent in one psycopg pipeline;
 * ``read``: BEGIN + one read: pipelined (one round trip) against plain (two);
 * ``set_local``: the cost of ``SET LOCAL plan_cache_mode`` in front of a statement.
 
@@ -40,12 +42,18 @@ def _process_cpu(pid: int) -> float:
 
 
 def _interleaved(
-    variants: dict[str, Callable[[], None]], rounds: int, calls: int, backend: int | None
+    variants: dict[str, Callable[[], None]],
+    rounds: int,
+    calls: int,
+    backend: int | dict[str, int] | None,
 ) -> dict[str, dict[str, float]]:
-    """Median microseconds per call of each variant: Python CPU, and the backend's if given."""
+    """Median microseconds per call of each variant: Python CPU, and the backend's if given
+    (one backend process for all variants, or one per variant)."""
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    backends = backend if isinstance(backend, dict) else dict.fromkeys(variants, backend)
     for _ in range(rounds):
         for name, call in variants.items():
+            backend = backends[name]
             for _ in range(calls // 10):  # warm: prepared statements, caches
                 call()
             pg0 = _process_cpu(backend) if backend else 0.0
@@ -113,6 +121,10 @@ def database_overhead(rounds: int, calls: int) -> dict[str, dict[str, dict[str, 
             conn.commit()
         write = "INSERT INTO t (v) VALUES (1) RETURNING id"
         read = "SELECT count(*) FROM t WHERE id < 100"
+        # The held connection first: it is detached from the pool, so the session's pooled
+        # connection, whose backend is measured below, is another one.
+        held = database.autocommit_connection()
+        backend_held = held.execute("SELECT pg_backend_pid()").fetchone()[0]
         with database.session() as session:
             backend = session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
             session.commit()
@@ -122,6 +134,10 @@ def database_overhead(rounds: int, calls: int) -> dict[str, dict[str, dict[str, 
                 options = {"isolation_level": "AUTOCOMMIT"}
                 conn = session.connection(execution_options=options).connection.driver_connection
                 conn.execute(write, prepare=True, binary=True).fetchone()
+
+        def held_autocommit() -> None:
+            # What the fast claim does: the thread's own autocommit connection, no session.
+            database.autocommit_connection().execute(write, prepare=True, binary=True).fetchone()
 
         def pipelined_commit() -> None:
             with database.session() as session:
@@ -156,10 +172,14 @@ def database_overhead(rounds: int, calls: int) -> dict[str, dict[str, dict[str, 
             conn.commit()
 
         claim = _interleaved(
-            {"autocommit": autocommit, "pipelined_commit": pipelined_commit},
+            {
+                "autocommit": autocommit,
+                "held_autocommit": held_autocommit,
+                "pipelined_commit": pipelined_commit,
+            },
             rounds,
             calls,
-            backend,
+            {"autocommit": backend, "held_autocommit": backend_held, "pipelined_commit": backend},
         )
         rest = _interleaved(
             {

@@ -6,10 +6,12 @@ integration opens one session per request on first use and closes it at teardown
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TypeVar
+from contextlib import contextmanager, suppress
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, current_app, g, has_request_context, request
 from sqlalchemy import Engine, create_engine, event
@@ -24,6 +26,9 @@ IDLE_PING_SECONDS = 2.0
 READS_ONLY = "maskmill_reads_only"
 
 View = TypeVar("View", bound=Callable)
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
@@ -110,6 +115,9 @@ class Database:
         self.reading_sessionmaker = sessionmaker(
             self.engine.execution_options(**{READS_ONLY: True}), expire_on_commit=False
         )
+        self._held = threading.local()
+        self._held_lock = threading.Lock()
+        self._held_all: list[tuple[int, Any]] = []
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -123,8 +131,56 @@ class Database:
         finally:
             session.close()
 
+    def autocommit_connection(self) -> psycopg.Connection:
+        """This thread's own psycopg connection in autocommit mode (PostgreSQL only), held for
+        as long as the process lives: for the hot path's single-statement requests (the fast
+        claim), which need no transaction and so no session.
+
+        A session costs each request a pool checkout and checkin, the switch to autocommit and
+        back, and the session's own bookkeeping: per one-statement write, 319 against 107 us of
+        Python and 115 against 90 us of PostgreSQL (``scripts/bench_request_overhead.py``,
+        ``claim``). The connection is made by the engine (same
+        URL, arguments and connect hooks), then detached from its pool; one per thread that asks,
+        and a process that forks starts afresh. After an error, :meth:`discard_autocommit_connection`
+        drops it, and the next call connects again.
+        """
+        held = getattr(self._held, "connection", None)
+        if held is not None:
+            pid, _fairy, connection = held
+            if pid == os.getpid() and not connection.closed and not connection.broken:
+                return connection
+            self._held.connection = None
+        fairy = self.engine.raw_connection()
+        connection = fairy.driver_connection
+        fairy.detach()  # ours from now on: the pool neither reuses nor resets it
+        connection.autocommit = True
+        # The pool's wrapper is kept alongside: a detached one closes its connection when it is
+        # garbage collected.
+        self._held.connection = (os.getpid(), fairy, connection)
+        with self._held_lock:
+            self._held_all.append((os.getpid(), fairy))
+        return connection
+
+    def discard_autocommit_connection(self) -> None:
+        """Close this thread's held connection (after it failed); the next use reconnects."""
+        held = getattr(self._held, "connection", None)
+        self._held.connection = None
+        if held is not None and held[0] == os.getpid():
+            _close_quietly(held[1])
+
     def dispose(self) -> None:
+        with self._held_lock:
+            held, self._held_all = self._held_all, []
+        for pid, fairy in held:
+            if pid == os.getpid():  # a forked child must not close its parent's sockets
+                _close_quietly(fairy)
+        self._held = threading.local()
         self.engine.dispose()
+
+
+def _close_quietly(fairy: Any) -> None:
+    with suppress(Exception):  # already gone with the server: nothing else to release
+        fairy.close()
 
 
 def init_app(app: Flask, database: Database) -> None:

@@ -124,7 +124,7 @@ def test_bench_compare_refuses_a_wrong_baseline(baseline, message):
 def test_bench_request_overhead_runs():
     report = _run("bench_request_overhead.py", "--rounds", "1", "--calls", "20")
     assert set(report["flask"]) == {"cookie_sessions", "no_cookie_sessions"}
-    assert set(report["claim"]) == {"autocommit", "pipelined_commit"}
+    assert set(report["claim"]) == {"autocommit", "held_autocommit", "pipelined_commit"}
     assert set(report["read"]) == {"read_pipelined", "read_plain"}
     assert set(report["set_local"]) == {"with_set_local", "without_set_local"}
     for part in ("claim", "read", "set_local"):

@@ -37,7 +37,7 @@ from service.crowd import CrowdError, fastpath
 from service.crowd.hits import Claim, WorkerRow, claim, record_answers, refill
 from service.crowd.qualification import grade_test, qualification_params, start_test
 from service.crowd.quality import finalize_assignment
-from service.db import get_database, get_session, writes
+from service.db import Database, get_database, get_session, writes
 from service.errors import ApiError
 from service.models import Backend, Worker
 
@@ -233,17 +233,9 @@ def _refill_after(response: Response, campaign_id: int) -> None:
 def claim_assignment():
     """Claim the next HIT (or resume the open one): questions and the lease's end."""
     token_hash = hash_secret(_token())
-    session = get_session()
-    if fastpath.available(session):
-        try:
-            outcome = fastpath.claim(session, token_hash)
-        except (DBAPIError, psycopg.Error) as exc:
-            # The claim is one autocommitted statement; after a dropped connection it is retried
-            # once (safe: a claim that did land is found again as the worker's open assignment).
-            if not _disconnected(exc):
-                raise
-            _reset(session, exc)
-            outcome = fastpath.claim(session, token_hash)
+    database = get_database()
+    if fastpath.available(database):
+        outcome = _fast_claim(database, token_hash)
         if outcome.claim is not None:
             response = _claim_response(outcome.claim)
             if outcome.refill is not None:
@@ -253,6 +245,22 @@ def claim_assignment():
             raise ApiError(401, "unauthorized", "the worker token is not valid")
     worker = current_worker()
     return _claim_response(in_transaction(lambda s: claim(s, worker)))
+
+
+def _fast_claim(database: Database, token_hash: str) -> fastpath.ClaimOutcome:
+    """The claim statement on the thread's held autocommit connection. After an error the
+    connection is dropped; after a dropped connection the claim is retried once on a new one
+    (safe: a claim that did land is found again as the worker's open assignment), and the pool's
+    connections are dropped too, as :func:`_reset` does: whatever cut this one cut those."""
+    for attempt in range(2):
+        try:
+            return fastpath.claim(database.autocommit_connection(), token_hash)
+        except psycopg.Error as exc:
+            database.discard_autocommit_connection()
+            if attempt or not _disconnected(exc):
+                raise
+            database.engine.dispose()
+    raise AssertionError("unreachable")
 
 
 @bp.post("/assignments/<string:assignment_id>/answers")

@@ -3,15 +3,17 @@
 Why a second implementation: a HIT cycle is two HTTP requests, and at hundreds of cycles per second
 the portable code (:mod:`service.crowd.hits`, :mod:`service.crowd.quality`: one SQLAlchemy
 statement per step, a dozen per cycle) spends more time in round trips and statement overhead than
-in the work itself. Here the same steps are a handful of static SQL statements run on the
-session's own psycopg connection (prepared once per connection):
+in the work itself. Here the same steps are a handful of static SQL statements run on a psycopg
+connection directly (prepared once per connection):
 
-* **claim**: one statement in autocommit. Token -> worker; the worker's unexpired claim if it has
+* **claim**: one statement on the thread's held autocommit connection (no session, no pool
+  checkout: :meth:`service.db.Database.autocommit_connection`). Token -> worker; the worker's unexpired claim if it has
   one (a reloaded page resumes); otherwise the oldest open single-assignment HIT of its project's
   offering campaigns, taken ``FOR UPDATE SKIP LOCKED``, gets the assignment and becomes
   ``assigned``; the HIT's stored payload is returned as is. (A redundant HIT's slots are counted
   by the portable code, in a statement that runs after the HIT is locked.)
-* **submit**: BEGIN, then one statement locks the assignment (``NOWAIT``) and reads the HIT's
+* **submit**: on the session's connection (the rare paths continue in its transaction): BEGIN,
+  then one statement locks the assignment (``NOWAIT``) and reads the HIT's
   questions; one statement stores the answers and, when they complete the assignment, closes it:
   verdict, worker gold, HIT completed, questions answered, cluster counts moved by atomic
   increments on rows locked in id order (so concurrent submissions of HITs sharing clusters
@@ -64,6 +66,7 @@ from service.crowd.hits import (
     utcnow,
 )
 from service.crowd.quality import AssignmentStats, block_reason, judge
+from service.db import Database
 from service.engine.policy import PolicyParams
 from service.models import (
     AssignmentStatus,
@@ -76,15 +79,15 @@ from service.models import (
 __all__ = ["ClaimOutcome", "Fallback", "available", "claim", "submit"]
 
 
-def available(session: Session) -> bool:
+def available(owner: Session | Database) -> bool:
     """The fast paths speak PostgreSQL; every other database uses the portable code."""
-    return session.get_bind().dialect.name == "postgresql"
+    bind = owner.engine if isinstance(owner, Database) else owner.get_bind()
+    return bind.dialect.name == "postgresql"
 
 
-def _driver(session: Session, **execution_options: Any) -> psycopg.Connection:
+def _driver(session: Session) -> psycopg.Connection:
     """The psycopg connection under the session's current transaction."""
-    connection = session.connection(execution_options=execution_options or None)
-    return connection.connection.driver_connection
+    return session.connection().connection.driver_connection
 
 
 def _run(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> psycopg.Cursor:
@@ -180,21 +183,20 @@ class ClaimOutcome:
     refill: int | None = None
 
 
-def claim(session: Session, token_hash: str, *, now: datetime | None = None) -> ClaimOutcome:
-    """Serve a claim in one autocommitted statement when an open HIT (or the worker's own claim)
-    is there to take; see :class:`ClaimOutcome`.
+def claim(
+    conn: psycopg.Connection, token_hash: str, *, now: datetime | None = None
+) -> ClaimOutcome:
+    """Serve a claim in one statement on ``conn``, a connection in autocommit mode (the
+    thread's :meth:`~service.db.Database.autocommit_connection`), when an open HIT (or the
+    worker's own claim) is there to take; see :class:`ClaimOutcome`.
 
-    Must be the session's first statement. If no claim is served, the session is closed again
-    (its connection was in autocommit), so the caller's next statement starts a normal
-    transaction.
+    Autocommit, rather than BEGIN + statement + COMMIT sent in one pipeline, and no session:
+    ``scripts/bench_request_overhead.py`` (``claim``) measured a one-statement write at 107 us of
+    Python on a held autocommit connection, 319 through a session switched to autocommit, 541
+    pipelined with its BEGIN and COMMIT.
     """
     now = now or utcnow()
     public_id = new_public_id()
-    # Autocommit, rather than BEGIN + statement + COMMIT sent in one pipeline: about half the
-    # Python and PostgreSQL CPU per claim, SQLAlchemy's switch of the pooled connection to
-    # autocommit and back included (``scripts/bench_request_overhead.py``: 493 against 975 us of
-    # Python, 455 against 1075 us of PostgreSQL).
-    conn = _driver(session, isolation_level="AUTOCOMMIT")
     key = {
         "token_hash": token_hash,
         "now": now,
@@ -203,7 +205,6 @@ def claim(session: Session, token_hash: str, *, now: datetime | None = None) -> 
     }
     row = _run(conn, _CLAIM, key).fetchone()
     if row is None:
-        session.close()
         return ClaimOutcome(None, None)
     (wid, project_id, backend, qualified, blocked, reason, lapsed) = row[:7]
     (mine_public_id, mine_lease, mine_payload, answered, lease, payload) = row[7:13]
@@ -213,7 +214,6 @@ def claim(session: Session, token_hash: str, *, now: datetime | None = None) -> 
         resumed = Claim(mine_public_id, _utc(mine_lease), mine_payload, list(answered))
         return ClaimOutcome(worker, resumed)
     if lease is None:
-        session.close()
         return ClaimOutcome(worker, None)
     # ``open_hits`` counted the HIT just taken (the statement's snapshot predates the claim).
     # While a batch is being built, every claim finds the pool low; asking for another build
