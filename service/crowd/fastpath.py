@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -92,9 +92,15 @@ def _driver(session: Session) -> psycopg.Connection:
 
 def _run(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> psycopg.Cursor:
     """Execute as a prepared statement (parsed and planned once per connection) with binary
-    results. Small arrays are ``%(name)b`` parameters (binary, no per-element quoting); a HIT's
-    55 answers travel as comma-separated strings the server splits (cheaper still to build)."""
+    results. Arrays (a HIT's 55 answers, the counts of its few dozen clusters) travel as
+    comma-separated strings the server splits: joining them is C code, where psycopg's array
+    dumpers inspect and pack every element in Python."""
     return conn.execute(sql, params, prepare=True, binary=True)
+
+
+def _joined(numbers: Iterable[int]) -> str:
+    """Integers as the comma-separated text ``string_to_array(..., ',')::integer[]`` splits."""
+    return ",".join(map(str, numbers))
 
 
 # ------------------------------------------------------------------------------------- claim
@@ -319,7 +325,7 @@ closed AS (
 ),
 locked AS (
     SELECT id FROM clusters
-    WHERE id = ANY(%(cids)b::integer[]) AND (SELECT count(*) FROM closed) >= 0
+    WHERE id = ANY(string_to_array(%(cids)s, ',')::integer[]) AND (SELECT count(*) FROM closed) >= 0
     ORDER BY id
     FOR UPDATE
 ),
@@ -331,8 +337,9 @@ counted AS (
             + CASE WHEN c.state IN ('candidate', 'active') THEN d.dn ELSE 0 END,
         open_questions = c.open_questions - d.closed
     FROM locked
-    JOIN unnest(%(cids)b::integer[], %(dy)b::integer[], %(dn)b::integer[],
-                %(dc)b::integer[]) AS d(id, dy, dn, closed) ON d.id = locked.id
+    JOIN unnest(string_to_array(%(cids)s, ',')::integer[], string_to_array(%(dy)s, ',')::integer[],
+                string_to_array(%(dn)s, ',')::integer[], string_to_array(%(dc)s, ',')::integer[])
+        AS d(id, dy, dn, closed) ON d.id = locked.id
     WHERE c.id = locked.id
     RETURNING c.id, c.tree_id, c.parent_id, c.lo, c.hi, c.size, c.score, c.state,
         c.yes_count, c.no_count, c.open_questions
@@ -355,7 +362,8 @@ _DECIDE_AND_PAY = """
 WITH states AS (
     UPDATE clusters c
     SET state = d.state, decided_at = CASE WHEN d.decided THEN %(now)s::timestamptz END
-    FROM unnest(%(cids)b::integer[], %(states)b::varchar[], %(decided)b::boolean[])
+    FROM unnest(string_to_array(%(cids)s, ',')::integer[], string_to_array(%(states)s, ','),
+                string_to_array(%(decided)s, ',')::boolean[])
         AS d(id, state, decided)
     WHERE c.id = d.id
     RETURNING 1
@@ -542,10 +550,10 @@ def _complete(
         gold_correct=stats.gold_correct,
         gold_total=stats.gold_total,
         reason=reason,
-        cids=cids,
-        dy=[deltas[c][0] for c in cids],
-        dn=[deltas[c][1] for c in cids],
-        dc=[deltas[c][2] for c in cids],
+        cids=_joined(cids),
+        dy=_joined(deltas[c][0] for c in cids),
+        dn=_joined(deltas[c][1] for c in cids),
+        dc=_joined(deltas[c][2] for c in cids),
     )
     inserted, _, _, worker_total, counted, _ = _run(conn, _COMPLETE, params).fetchone()
     if inserted != len(new) or worker_total is None:
@@ -555,9 +563,9 @@ def _complete(
         activate_children(session, splits, campaign.policy, now)
     share = campaign.assignment_cost
     params = {
-        "cids": [c.id for c in changed],
-        "states": [c.state.value for c in changed],
-        "decided": [c.state not in UNDECIDED for c in changed],
+        "cids": _joined(c.id for c in changed),
+        "states": ",".join(c.state.value for c in changed),
+        "decided": ",".join("f" if c.state in UNDECIDED else "t" for c in changed),
         "now": now,
         "campaign_id": campaign.id,
         "amount": share,
