@@ -191,6 +191,15 @@ def compare(stacks: dict[str, Stack]) -> dict[str, Any]:
         [c["cpu_ms_per_cycle"] / b["cpu_ms_per_cycle"] for b, c in pairs]
     )
     report["pairs"] = len(pairs)
+    # In slice order: a trend (e.g. one stack slowing as its tables grow) shows here, not in
+    # the medians.
+    report["pair_ratios"] = [
+        {
+            "cycles_per_s": round(c["cycles_per_s"] / b["cycles_per_s"], 3),
+            "cpu_per_cycle": round(c["cpu_ms_per_cycle"] / b["cpu_ms_per_cycle"], 3),
+        }
+        for b, c in pairs
+    ]
     report["other_busy_cores"] = _spread([s["other_busy_cores"] for s in base + cur])
     return report
 

@@ -101,6 +101,7 @@ def test_bench_compare_serves_each_checkout_its_own_code(tmp_path):
     assert report["current"]["errors"] == []
     assert report["current"]["cycles_per_s"]["min"] > 0
     assert report["pairs"] == 0 and report["cycles_per_s_ratio"] is None
+    assert report["pair_ratios"] == []
     checks = report["current_checks"]
     assert checks["answers_counted_twice"] == checks["hits_over_assigned"] == 0
     assert checks["decisions_mismatch"] == 0 and checks["ledger"]["within_budget"]
@@ -173,3 +174,32 @@ def test_bench_cycle_cpu_refuses_bad_variants(args, message):
     )
     assert done.returncode != 0 and message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_bench_compare_reports_each_pairs_ratios_in_slice_order():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench_compare
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+    def stack(label, rates, cpus):
+        made = bench_compare.Stack(label, REPO)
+        made.slices = [
+            {"cycles_per_s": r, "cpu_ms_per_cycle": c, "other_busy_cores": 0.0}
+            for r, c in zip(rates, cpus, strict=True)
+        ]
+        return made
+
+    report = bench_compare.compare(
+        {
+            "baseline": stack("baseline", [100, 100, 200], [10.0, 10.0, 5.0]),
+            # The middle slice completed no cycle: its pair is left out.
+            "current": stack("current", [110, 0, 150], [9.0, None, 6.0]),
+        }
+    )
+    assert report["pairs"] == 2
+    assert report["pair_ratios"] == [
+        {"cycles_per_s": 1.1, "cpu_per_cycle": 0.9},
+        {"cycles_per_s": 0.75, "cpu_per_cycle": 1.2},
+    ]
