@@ -325,7 +325,8 @@ closed AS (
 ),
 locked AS (
     SELECT id FROM clusters
-    WHERE id = ANY(string_to_array(%(cids)s, ',')::integer[]) AND (SELECT count(*) FROM closed) >= 0
+    WHERE id = ANY(string_to_array(%(cids)s, ',')::integer[])
+        AND (SELECT count(*) FROM closed) >= 0
     ORDER BY id
     FOR UPDATE
 ),
