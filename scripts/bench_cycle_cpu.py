@@ -2,8 +2,8 @@
 PostgreSQL and Python without the noise of a loaded server.
 
     python scripts/bench_cycle_cpu.py --json
-    python scripts/bench_cycle_cpu.py --json \\
-        --variant "fillfactor 80=ALTER TABLE questions SET (fillfactor = 80)" --variant "as migrated="
+    python scripts/bench_cycle_cpu.py --json --variant "as migrated=" \\
+        --variant "fillfactor 80=ALTER TABLE questions SET (fillfactor = 80)"
 
 A cycle is the crowd hot path of issue 4: claim a HIT (50 samples + 5 hidden gold) and submit its
 55 answers, both through the service's Flask app (its test client, so no HTTP server and no

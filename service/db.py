@@ -139,10 +139,10 @@ class Database:
         A session costs each request a pool checkout and checkin, the switch to autocommit and
         back, and the session's own bookkeeping: per one-statement write, 319 against 107 us of
         Python and 115 against 90 us of PostgreSQL (``scripts/bench_request_overhead.py``,
-        ``claim``). The connection is made by the engine (same
-        URL, arguments and connect hooks), then detached from its pool; one per thread that asks,
-        and a process that forks starts afresh. After an error, :meth:`discard_autocommit_connection`
-        drops it, and the next call connects again.
+        ``claim``). The connection is made by the engine (same URL, arguments and connect
+        hooks), then detached from its pool; one per thread that asks, and a process that forks
+        starts afresh. After an error, :meth:`discard_autocommit_connection` drops it, and the
+        next call connects again.
         """
         held = getattr(self._held, "connection", None)
         if held is not None:

@@ -7,9 +7,9 @@ in the work itself. Here the same steps are a handful of static SQL statements r
 connection directly (prepared once per connection):
 
 * **claim**: one statement on the thread's held autocommit connection (no session, no pool
-  checkout: :meth:`service.db.Database.autocommit_connection`). Token -> worker; the worker's unexpired claim if it has
-  one (a reloaded page resumes); otherwise the oldest open single-assignment HIT of its project's
-  offering campaigns, taken ``FOR UPDATE SKIP LOCKED``, gets the assignment and becomes
+  checkout: :meth:`service.db.Database.autocommit_connection`). Token -> worker; the worker's
+  unexpired claim if it has one (a reloaded page resumes); otherwise the oldest open
+  single-assignment HIT of its project's offering campaigns, taken ``FOR UPDATE SKIP LOCKED``, gets the assignment and becomes
   ``assigned``; the HIT's stored payload is returned as is. (A redundant HIT's slots are counted
   by the portable code, in a statement that runs after the HIT is locked.)
 * **submit**: on the session's connection (the rare paths continue in its transaction): BEGIN,
