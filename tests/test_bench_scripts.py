@@ -14,16 +14,27 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str, *args: str, timeout: float = 240) -> dict:
-    done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / script), "--json", *args],
+def _script(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def _run(script: str, *args: str, timeout: float = 240) -> dict:
+    done = _script(script, "--json", *args, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
+
+
+def _refusal(script: str, *args: str, timeout: float = 120) -> str:
+    """The standard error of a run that must fail."""
+    done = _script(script, *args, timeout=timeout)
+    assert done.returncode != 0
+    return done.stderr
 
 
 @pytest.mark.parametrize(
@@ -112,14 +123,7 @@ def test_bench_compare_serves_each_checkout_its_own_code(tmp_path):
     [(".", "that is this checkout"), ("tests", "not a maskmill checkout")],
 )
 def test_bench_compare_refuses_a_wrong_baseline(baseline, message):
-    done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_compare.py"), str(REPO / baseline)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode != 0 and message in done.stderr
+    assert message in _refusal("bench_compare.py", str(REPO / baseline), timeout=60)
 
 
 def test_bench_request_overhead_runs():
@@ -165,15 +169,8 @@ def test_bench_cycle_cpu_runs_its_variants_alternately():
     ],
 )
 def test_bench_cycle_cpu_refuses_bad_variants(args, message):
-    done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_cycle_cpu.py"), "--cycles", "1", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode != 0 and message in done.stderr
-    assert "Traceback" not in done.stderr
+    stderr = _refusal("bench_cycle_cpu.py", "--cycles", "1", *args)
+    assert message in stderr and "Traceback" not in stderr
 
 
 def test_bench_compare_reports_each_pairs_ratios_in_slice_order():
