@@ -24,6 +24,7 @@ from service.models import DEFAULT_LEASE_SECONDS
 
 __all__ = [
     "AGGREGATIONS",
+    "MAX_BATCH_HITS",
     "CrowdError",
     "CrowdParams",
 ]
@@ -55,6 +56,11 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+#: Upper bound of ``hits_per_build`` and ``build_batch_hits``: a claim counts a campaign's open
+#: HITs only this far (:mod:`service.crowd.fastpath`), whatever the pool's size.
+MAX_BATCH_HITS = 100
 
 
 @dataclass(frozen=True)
@@ -122,8 +128,8 @@ class CrowdParams:
             if not _is_int(value) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         for name in ("hits_per_build", "build_batch_hits"):
-            if getattr(self, name) > 100:
-                raise ValueError(f"{name} must be <= 100, got {getattr(self, name)}")
+            if getattr(self, name) > MAX_BATCH_HITS:
+                raise ValueError(f"{name} must be <= {MAX_BATCH_HITS}, got {getattr(self, name)}")
         if self.answers_per_question > 100:
             raise ValueError(
                 f"answers_per_question must be <= 100, got {self.answers_per_question}"

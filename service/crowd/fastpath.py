@@ -43,7 +43,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from sqlalchemy.orm import Session
 
-from service.crowd import CrowdParams
+from service.crowd import MAX_BATCH_HITS, CrowdParams
 from service.crowd.decisions import (
     UNDECIDED,
     ClusterRow,
@@ -169,7 +169,11 @@ SELECT w.id, w.project_id, w.backend, w.qualified, w.blocked, w.blocked_reason,
     (SELECT payload FROM hits WHERE id = (SELECT id FROM pick)),
     (SELECT campaign_id FROM pick),
     (SELECT params FROM pick),
-    (SELECT count(*) FROM hits o, pick WHERE o.campaign_id = pick.campaign_id AND o.status = 'open'),
+    -- Counted only as far as a refill decision can need (``needs_refill``): a campaign may
+    -- hold thousands of open HITs, and this runs on every claim.
+    (SELECT count(*) FROM (
+        SELECT 1 FROM hits o, pick WHERE o.campaign_id = pick.campaign_id AND o.status = 'open'
+        LIMIT %(count_cap)s) AS open_hits),
     -- Is anyone building this campaign's next batch? Taking the build lock answers it, and the
     -- lock goes again when this (autocommitted) statement ends.
     (SELECT pg_try_advisory_xact_lock(%(build_lock)s::integer, campaign_id) FROM pick)
@@ -208,6 +212,9 @@ def claim(
         "now": now,
         "public_id": public_id,
         "build_lock": BUILD_LOCK_CLASS,
+        # The claimed HIT is in the count (the statement's snapshot predates the claim), so
+        # MAX_BATCH_HITS + 1 open HITs tell "no refill" apart for every allowed batch size.
+        "count_cap": MAX_BATCH_HITS + 1,
     }
     row = _run(conn, _CLAIM, key).fetchone()
     if row is None:

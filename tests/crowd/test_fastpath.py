@@ -11,9 +11,9 @@ import time
 
 import psycopg
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
-from service.crowd import CrowdParams, fastpath, hits
+from service.crowd import MAX_BATCH_HITS, CrowdParams, fastpath, hits
 from service.crowd.hits import (
     Claim,
     encode_payload,
@@ -185,6 +185,34 @@ def test_claims_during_a_build_do_not_ask_for_another(client, db, monkeypatch):
     )
     assert db.scalar(open_hits) == 1 + 4
     db.rollback()
+
+
+def test_a_pool_beyond_what_a_claim_counts_asks_for_no_refill(client, db, monkeypatch):
+    """The claim counts open HITs only up to MAX_BATCH_HITS + 1: a campaign holding more than
+    that (the count's cap) still reads as full, at the largest batch size allowed."""
+    from service.api import work
+
+    _, campaign, worker = campaign_world(
+        client, db, "big-pool", "GL" * 8, params={"build_batch_hits": MAX_BATCH_HITS}
+    )
+    asked = []
+    real = work._refill_after
+    monkeypatch.setattr(
+        work, "_refill_after", lambda response, cid: (asked.append(cid), real(response, cid))
+    )
+    # More open HITs than the cap (empty ones: only the count matters here).
+    db.execute(
+        insert(Hit),
+        [
+            {"campaign_id": campaign["id"], "cost_micros": 0, "payload": "[]"}
+            for _ in range(MAX_BATCH_HITS + 5)
+        ],
+    )
+    db.commit()
+    hit = client.post("/api/v1/work/assignments", headers=worker_headers(worker["token"]))
+    assert hit.status_code == 200
+    hit.close()
+    assert asked == []  # (a pool running low does ask: the tests above)
 
 
 def test_refills_only_when_less_than_a_batch_is_left():
