@@ -149,19 +149,25 @@ def test_a_pool_running_low_is_refilled_after_the_response(client, db):
     db.rollback()
 
 
-def test_claims_during_a_build_do_not_ask_for_another(client, db, monkeypatch):
-    """While the build lock is held (a batch is being built), a claim that leaves the pool low
-    does not schedule a refill of its own; once the lock is free, the next one does."""
+def _record_refills(monkeypatch) -> list[int]:
+    """The campaign ids claims schedule a refill for, in order (the refills still run)."""
     from service.api import work
 
-    _, campaign, worker = campaign_world(
-        client, db, "refill-busy", "GL" * 8, params={"hits_per_build": 2, "build_batch_hits": 4}
-    )
-    asked = []
+    asked: list[int] = []
     real = work._refill_after
     monkeypatch.setattr(
         work, "_refill_after", lambda response, cid: (asked.append(cid), real(response, cid))
     )
+    return asked
+
+
+def test_claims_during_a_build_do_not_ask_for_another(client, db, monkeypatch):
+    """While the build lock is held (a batch is being built), a claim that leaves the pool low
+    does not schedule a refill of its own; once the lock is free, the next one does."""
+    _, campaign, worker = campaign_world(
+        client, db, "refill-busy", "GL" * 8, params={"hits_per_build": 2, "build_batch_hits": 4}
+    )
+    asked = _record_refills(monkeypatch)
     headers = worker_headers(worker["token"])
 
     def claim_and_answer() -> None:
@@ -190,16 +196,10 @@ def test_claims_during_a_build_do_not_ask_for_another(client, db, monkeypatch):
 def test_a_pool_beyond_what_a_claim_counts_asks_for_no_refill(client, db, monkeypatch):
     """The claim counts open HITs only up to MAX_BATCH_HITS + 1: a campaign holding more than
     that (the count's cap) still reads as full, at the largest batch size allowed."""
-    from service.api import work
-
     _, campaign, worker = campaign_world(
         client, db, "big-pool", "GL" * 8, params={"build_batch_hits": MAX_BATCH_HITS}
     )
-    asked = []
-    real = work._refill_after
-    monkeypatch.setattr(
-        work, "_refill_after", lambda response, cid: (asked.append(cid), real(response, cid))
-    )
+    asked = _record_refills(monkeypatch)
     # More open HITs than the cap (empty ones: only the count matters here).
     db.execute(
         insert(Hit),
