@@ -166,6 +166,8 @@ class Database:
         held = getattr(self._held, "connection", None)
         self._held.connection = None
         if held is not None and held[0] == os.getpid():
+            with self._held_lock:
+                self._held_all = [entry for entry in self._held_all if entry[1] is not held[1]]
             _close_quietly(held[1])
 
     def dispose(self) -> None:

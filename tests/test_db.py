@@ -46,6 +46,7 @@ def test_a_discarded_or_broken_connection_is_replaced(database):
     first = database.autocommit_connection()
     database.discard_autocommit_connection()
     assert first.closed
+    assert database._held_all == []  # forgotten, not only closed (restarts must not pile up)
     second = database.autocommit_connection()
     assert second is not first and not second.closed
     second.close()  # e.g. the server cut it: the next call notices
