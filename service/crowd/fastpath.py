@@ -59,6 +59,7 @@ from service.crowd.hits import (
     SubmitResult,
     WorkerRow,
     campaign_info,
+    driver_connection,
     needs_refill,
     new_public_id,
     refuse_lapsed_lease,
@@ -83,11 +84,6 @@ def available(owner: Session | Database) -> bool:
     """The fast paths speak PostgreSQL; every other database uses the portable code."""
     bind = owner.engine if isinstance(owner, Database) else owner.get_bind()
     return bind.dialect.name == "postgresql"
-
-
-def _driver(session: Session) -> psycopg.Connection:
-    """The psycopg connection under the session's current transaction."""
-    return session.connection().connection.driver_connection
 
 
 def _run(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> psycopg.Cursor:
@@ -447,7 +443,7 @@ def submit(
     assignment do not match or the assignment row is busy, :class:`CrowdError` for refusals.
     """
     now = now or utcnow()
-    conn = _driver(session)
+    conn = driver_connection(session)
     key = {"public_id": assignment_public_id, "token_hash": token_hash}
     try:
         # Not pipelined with its BEGIN: a pipeline saves the BEGIN's round trip but costs more
@@ -487,7 +483,7 @@ def submit(
         "worker_id": worker_id,
         # A HIT's answers travel as three comma-separated strings: joining them is C code, where
         # psycopg's array dumper would loop over 55 values in Python for each array.
-        "qids": ",".join(str(questions[pid].id) for pid in new),
+        "qids": _joined(questions[pid].id for pid in new),
         "vals": ",".join("t" if v else "f" for v, _ in new.values()),
         "ms": ",".join(str(m) for _, m in new.values()),
     }

@@ -93,6 +93,8 @@ from service.models import (
 )
 
 if TYPE_CHECKING:
+    import psycopg
+
     from service.settings import Settings
 
 __all__ = [
@@ -105,6 +107,7 @@ __all__ = [
     "build_hit",
     "build_hits",
     "claim",
+    "driver_connection",
     "encode_payload",
     "load_campaign",
     "lock_hit",
@@ -702,9 +705,8 @@ def _open_questions(session: Session, opened: dict[int, int]) -> None:
     rows are already locked by :func:`_candidates`). One statement on PostgreSQL."""
     ids = sorted(opened)
     if _postgres(session):
-        driver = session.connection().connection.driver_connection
         params = {"ids": ids, "ks": [opened[i] for i in ids]}
-        driver.execute(_PG_OPEN_QUESTIONS, params, prepare=True, binary=True)
+        driver_connection(session).execute(_PG_OPEN_QUESTIONS, params, prepare=True, binary=True)
     else:
         session.execute(_OPEN_QUESTIONS, [{"cid": i, "k": opened[i]} for i in ids])
 
@@ -1094,6 +1096,12 @@ def _postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
+def driver_connection(session: Session) -> psycopg.Connection:
+    """The psycopg connection under the session's current transaction (PostgreSQL), for
+    statements sent as prepared static SQL rather than through SQLAlchemy."""
+    return session.connection().connection.driver_connection
+
+
 _UNNEST_HITS = """
 INSERT INTO hits
     (campaign_id, status, cost_micros, max_assignments, lease_seconds, payload, expires_at)
@@ -1123,8 +1131,9 @@ def _insert_hits(
         "expires": now + timedelta(seconds=lifetime) if lifetime else None,
     }
     if _postgres(session):
-        driver = session.connection().connection.driver_connection
-        rows = driver.execute(_UNNEST_HITS, dict(values, payloads=payloads), prepare=True)
+        rows = driver_connection(session).execute(
+            _UNNEST_HITS, dict(values, payloads=payloads), prepare=True
+        )
         return sorted(row[0] for row in rows)
     return list(
         session.scalars(
@@ -1170,7 +1179,17 @@ def _insert_questions(session: Session, hits: list[_NewHit], hit_ids: list[int])
                 }
                 for hit, hit_id in zip(hits, hit_ids, strict=True)
                 for position, (public_id, kind, cluster_id, tree_id, leaf_pos, gold_item_id) in (
-                    enumerate(zip(*hit[:6], strict=True))
+                    enumerate(
+                        zip(
+                            hit.public_ids,
+                            hit.kinds,
+                            hit.cluster_ids,
+                            hit.tree_ids,
+                            hit.leaf_pos,
+                            hit.gold_item_ids,
+                            strict=True,
+                        )
+                    )
                 )
             ],
         )
@@ -1196,8 +1215,7 @@ def _insert_questions(session: Session, hits: list[_NewHit], hit_ids: list[int])
         "leaf_pos": column("leaf_pos"),
         "gold_item_id": column("gold_item_ids"),
     }
-    driver = session.connection().connection.driver_connection
-    driver.execute(_UNNEST_QUESTIONS, columns, prepare=True)
+    driver_connection(session).execute(_UNNEST_QUESTIONS, columns, prepare=True)
 
 
 def _insert_answers(session: Session, assignment_id: int, worker_id: int, rows) -> dict[int, int]:
