@@ -48,6 +48,11 @@ the result can be read even on a machine shared with other work (``machine.other
 ``cpu_bound_cycles_per_s`` is the rate the measured CPU per cycle would allow on all cores
 (contention from other work inflates CPU time too, so it is a bound, not a promise).
 
+``--request-cpu`` adds the web tier's own account (``web_request_cpu``): gunicorn hooks
+(``scripts/gunicorn_request_cpu.py``) time each request's thread CPU, so the web share of
+``cpu_ms_per_cycle`` splits into claims, submissions, HIT builds and gunicorn's work between
+requests -- which a sampling profiler cannot tell here, as it counts waiting on PostgreSQL as busy.
+
 Prints one JSON object (``--json``) or a short human summary.
 """
 
@@ -107,6 +112,7 @@ class Options:
     statements: int
     as_json: bool
     proxy: bool = False
+    request_cpu: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -154,6 +160,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         action="store_true",
         help="send the load through nginx running deploy/nginx.conf, as docker-compose deploys it",
     )
+    parser.add_argument(
+        "--request-cpu",
+        action="store_true",
+        help="also report the web workers' CPU per claim, submission and HIT build "
+        "(scripts/gunicorn_request_cpu.py)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     for name in ("duration", "pgbench_seconds"):
@@ -194,6 +206,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         statements=max(0, args.statements),
         as_json=args.json,
         proxy=args.proxy,
+        request_cpu=args.request_cpu,
     )
 
 
@@ -376,10 +389,16 @@ def start_gunicorn(
     # Jobs (each HIT batch's render job) go to RQ, as in a deployment: rendering is the job
     # workers' CPU, not the web tier's. No worker runs here; the queue just fills.
     env = service_environment(database_url, workdir, port, MASKMILL_REDIS_URL=redis_url)
+    hooks: list[str] = []
+    if options.request_cpu:
+        (workdir / REQUEST_CPU_DIR).mkdir(exist_ok=True)
+        env["BENCH_REQUEST_CPU_DIR"] = str(workdir / REQUEST_CPU_DIR)
+        hooks = ["--config", str(REPO / "scripts" / "gunicorn_request_cpu.py")]
     gunicorn = Path(sys.executable).with_name("gunicorn")
     process = subprocess.Popen(
         [
             str(gunicorn),
+            *hooks,
             "--workers",
             str(options.gunicorn_workers),
             "--threads",
@@ -410,6 +429,50 @@ def start_gunicorn(
         time.sleep(0.2)
     stop_process_group(process)
     raise RuntimeError("gunicorn did not answer /healthz in time")
+
+
+#: Where each web worker leaves its request CPU sums (``--request-cpu``), inside the run's workdir.
+REQUEST_CPU_DIR = "request-cpu"
+
+
+def request_cpu(workdir: Path, window: tuple[float, float]) -> dict[str, Any]:
+    """What ``scripts/gunicorn_request_cpu.py`` recorded in the measured window, whole seconds
+    only: mean CPU per claim (building excluded) and per submission, CPU per HIT build, the
+    builds' CPU spread over the HIT cycles, and all requests' CPU per cycle (the rest of the web
+    tier's CPU is gunicorn's own, between requests: accepting, parsing, closing)."""
+    totals: dict[str, list[float]] = {}
+    first, last = math.ceil(window[0]), math.floor(window[1])
+    for path in sorted((workdir / REQUEST_CPU_DIR).glob("*.json")):
+        for second, kinds in json.loads(path.read_text()).items():
+            if first <= int(second) < last:
+                for kind, (count, cpu) in kinds.items():
+                    total = totals.setdefault(kind, [0, 0.0])
+                    total[0] += count
+                    total[1] += cpu
+
+    def mean_ms(kind: str) -> float | None:
+        count, cpu = totals.get(kind, (0, 0.0))
+        return round(1000 * cpu / count, 3) if count else None
+
+    claims, claim_cpu = totals.get("claim", (0, 0.0))
+    builds, build_cpu = totals.get("build", (0, 0.0))
+
+    def per_claim_ms(cpu: float) -> float | None:  # claims stand for the cycles
+        return round(1000 * cpu / claims, 3) if claims else None
+
+    # Builds run inside claims (while the response closes): counted once, in "claim".
+    in_requests = sum(cpu for kind, (_, cpu) in totals.items() if kind != "build")
+    return {
+        "seconds": max(0, last - first),
+        "claims": int(claims),
+        "ms_per_claim_without_build": per_claim_ms(claim_cpu - build_cpu),
+        "ms_per_submit": mean_ms("submit"),
+        "builds": int(builds),
+        "ms_per_build": mean_ms("build"),
+        "build_ms_per_cycle": per_claim_ms(build_cpu),
+        "in_requests_ms_per_cycle": per_claim_ms(in_requests),
+        "other_requests": int(totals.get("other", (0, 0.0))[0]),
+    }
 
 
 def _clock_ticks() -> int:
@@ -975,7 +1038,7 @@ def main(argv: list[str] | None = None) -> int:
                 at_start=(lambda: reset_statements(url)) if options.statements else None,
             )
             loadavg_after = os.getloadavg()
-            stop_process_group(gunicorn)
+            stop_process_group(gunicorn)  # its workers write their request CPU as they exit
             gunicorn = None
 
             result = summarize(load, window, cpu, busy)
@@ -984,6 +1047,7 @@ def main(argv: list[str] | None = None) -> int:
                 if options.statements
                 else None
             )
+            web = request_cpu(workdir, window) if options.request_cpu else None
             checks = check_database(url, seeded.campaign_id, seeded.tree_id)
             pgbench = run_pgbench(server, "bench", options.pgbench_seconds, options.pgbench_clients)
             duplicates = {
@@ -1028,6 +1092,7 @@ def main(argv: list[str] | None = None) -> int:
                 },
                 "cpu_ms_per_cycle": result["cpu_ms_per_cycle"],
                 **({"postgres_statements": statements} if statements is not None else {}),
+                **({"web_request_cpu": web} if web is not None else {}),
                 "cpu_cores_used": result["cpu_cores_used"],
                 "cpu_bound_cycles_per_s": result["cpu_bound_cycles_per_s"],
                 "machine": {

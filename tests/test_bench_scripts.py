@@ -43,7 +43,7 @@ def _refusal(script: str, *args: str, timeout: float = 120) -> str:
 def test_bench_service_runs_and_checks_the_database(worker_class, proxy):
     """Both server shapes: sync workers close the connection after every response (the load's
     client reconnects), gthread workers keep it alive; and the deployed shape, sync workers
-    behind nginx, whose CPU is then counted too."""
+    behind nginx, whose CPU is then counted too. Each reports its requests' CPU by kind."""
     report = _run(
         "bench_service.py",
         *(["--proxy"] if proxy else []),
@@ -55,6 +55,7 @@ def test_bench_service_runs_and_checks_the_database(worker_class, proxy):
         "--pgbench-seconds", "1",
         "--pgbench-clients", "2",
         "--statements", "3",
+        "--request-cpu",
     )  # fmt: skip
     assert report["cycles_measured"] > 0 and report["hit_cycles_per_s"] > 0
     assert report["errors"] == []
@@ -67,6 +68,10 @@ def test_bench_service_runs_and_checks_the_database(worker_class, proxy):
     assert len(report["postgres_statements"]) == 3
     assert set(report["cpu_ms_per_cycle"]) >= {"postgres", "gunicorn", "redis", "load", "total"}
     assert report["config"]["gunicorn"].endswith(f"({worker_class})")
+    # The web workers' own account of their CPU (gunicorn hooks, written as they exit).
+    web = report["web_request_cpu"]
+    assert web["claims"] > 0 and web["ms_per_submit"] > 0
+    assert 0 < web["ms_per_claim_without_build"] < web["in_requests_ms_per_cycle"]
 
 
 def test_bench_answer_storage_runs():
