@@ -33,3 +33,20 @@ errorlog = "-"
 # Recycle workers now and then so slow leaks cannot accumulate.
 max_requests = 20000
 max_requests_jitter = 2000
+
+
+def on_starting(server):
+    """Warn, before any worker starts, when PostgreSQL cannot take every connection this shape
+    may open (``service.db.check_connection_budget``). A warning, not a refusal: the service
+    runs until a burst needs the last connections."""
+    from service.db import check_connection_budget
+    from service.settings import Settings
+
+    try:
+        url = Settings.from_env().database_url
+        problem = check_connection_budget(url, server.cfg.workers, server.cfg.threads)
+    except Exception as exc:  # the service reports its own settings and database errors
+        server.log.warning("could not check the PostgreSQL connection budget: %s", exc)
+        return
+    if problem:
+        server.log.warning("connection budget: %s", problem)

@@ -122,8 +122,17 @@ def create_key(name: str) -> None:
 @click.option("--threads", default=4, show_default=True, type=int, help="Threads per process.")
 def serve(host: str, port: int, workers: int, threads: int) -> None:
     """Run the web service (REST API, HIT page, dashboard) under gunicorn."""
-    _settings()
+    settings = _settings()
     from gunicorn.app.wsgiapp import run
+
+    from service.db import check_connection_budget
+
+    try:
+        problem = check_connection_budget(settings.database_url, workers, threads)
+    except Exception as exc:  # unreachable now: the service reports it on its first request
+        problem = f"could not check it ({type(exc).__name__}: {exc})"
+    if problem:
+        click.echo(f"warning: PostgreSQL connection budget: {problem}", err=True)
 
     sys.argv = [
         "gunicorn",

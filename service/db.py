@@ -17,9 +17,13 @@ from flask import Flask, current_app, g, has_request_context, request
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 _EXTENSION_KEY = "maskmill.db"
 
+#: Each process's PostgreSQL pool: this many connections kept, up to POOL_OVERFLOW more in bursts.
+POOL_SIZE = 10
+POOL_OVERFLOW = 20
 #: A pooled connection unused for longer than this is tested before it is handed out.
 IDLE_PING_SECONDS = 2.0
 #: Execution option of a session that only reads (SQLite: its transactions begin deferred).
@@ -69,9 +73,47 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
                 connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    engine = create_engine(url, echo=echo, pool_size=10, max_overflow=20)
+    engine = create_engine(url, echo=echo, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
     _ping_when_idle(engine, IDLE_PING_SECONDS)
     return engine
+
+
+def connection_budget(processes: int, threads: int) -> int:
+    """The most PostgreSQL connections a web tier of ``processes`` x ``threads`` opens: each
+    process's whole pool, plus the autocommit connection each of its threads holds for fast
+    claims (:meth:`Database.autocommit_connection`)."""
+    return processes * (POOL_SIZE + POOL_OVERFLOW + threads)
+
+
+def check_connection_budget(url: str, processes: int, threads: int) -> str | None:
+    """Why PostgreSQL at ``url`` cannot take the web tier's :func:`connection_budget`, or
+    ``None`` when it can (or the database is not PostgreSQL).
+
+    Checked when the web server starts (``deploy/gunicorn.conf.py``, ``maskmill serve``): a tier
+    sized past ``max_connections`` runs fine until a burst, when requests start failing with
+    "too many clients". The server's own reserve for superusers is not available to the service.
+    """
+    if not url.startswith("postgresql"):
+        return None
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            allowed = int(connection.exec_driver_sql("SHOW max_connections").scalar_one())
+            reserved = int(
+                connection.exec_driver_sql("SHOW superuser_reserved_connections").scalar_one()
+            )
+    finally:
+        engine.dispose()
+    needed = connection_budget(processes, threads)
+    available = allowed - reserved
+    if needed <= available:
+        return None
+    return (
+        f"the web tier may open {needed} PostgreSQL connections ({processes} processes x "
+        f"({POOL_SIZE} pooled + {POOL_OVERFLOW} in bursts + {threads} threads' own)), but "
+        f"max_connections = {allowed} leaves {available} after the superuser reserve, and the "
+        f"job workers need theirs too: raise max_connections, or run fewer processes or threads"
+    )
 
 
 def _ping_when_idle(engine: Engine, idle_seconds: float) -> None:
