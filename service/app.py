@@ -31,15 +31,22 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         JSON_SORT_KEYS=False,
     )
     app.session_interface = NoCookieSessions()
-    app.wsgi_app = ReadUnreadBody(app.wsgi_app, limit=2 * settings.max_body_bytes)
     app.extensions["maskmill.settings"] = settings
     app.extensions["maskmill.storage"] = open_storage(settings.storage_url)
-    db.init_app(app, db.Database(settings.database_url))
+    database = db.Database(settings.database_url)
+    db.init_app(app, database)
     errors.install(app)
 
     from service import api
+    from service.api.hotlane import HotLane
 
     api.register(app)
+    # The crowd's claims and submissions are served below Flask when they can be (hotlane.py);
+    # whatever they leave unread of a body is drained for every request alike.
+    hot = app.extensions["maskmill.hotlane"] = HotLane(
+        app, app.wsgi_app, database, settings.max_body_bytes
+    )
+    app.wsgi_app = ReadUnreadBody(hot, limit=2 * settings.max_body_bytes)
     return app
 
 

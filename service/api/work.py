@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from pydantic import Field
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import DBAPIError
@@ -61,13 +61,25 @@ class AnswersIn(Body):
     answers: list[AnswerIn] = Field(min_length=1, max_length=1000)
 
 
+#: Set in the WSGI environ by :mod:`service.api.hotlane` when its fast path has already been
+#: tried for this request and did not serve it: the view goes straight to the portable code.
+FAST_PATH_TRIED = "maskmill.fast_path_tried"
+
+
+def refusal(exc: CrowdError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """A crowd refusal as an HTTP answer: status, JSON body, extra headers."""
+    headers = {}
+    if exc.status == 429 and "retry_after_s" in exc.details:
+        headers["Retry-After"] = str(exc.details["retry_after_s"])
+    return exc.status, ApiError(exc.status, exc.code, exc.message, **exc.details).body(), headers
+
+
 @bp.errorhandler(CrowdError)
 def _crowd_error(exc: CrowdError):
-    error = ApiError(exc.status, exc.code, exc.message, **exc.details)
-    response = jsonify(error.body())
-    response.status_code = exc.status
-    if exc.status == 429 and "retry_after_s" in exc.details:
-        response.headers["Retry-After"] = str(exc.details["retry_after_s"])
+    status, body, headers = refusal(exc)
+    response = jsonify(body)
+    response.status_code = status
+    response.headers.update(headers)
     return response
 
 
@@ -106,10 +118,11 @@ def _reset(session: Session, exc: DBAPIError | psycopg.Error) -> None:
         session.rollback()
 
 
-def in_transaction(work: Callable[[Session], T]) -> T:
-    """Run ``work`` and commit; retry on deadlock / serialization failure; on a refusal, commit
-    first if the refusal says its writes stand (``CrowdError.persist``)."""
-    session = get_session()
+def in_transaction(work: Callable[[Session], T], session: Session | None = None) -> T:
+    """Run ``work`` in ``session`` (default: the request's) and commit; retry on deadlock /
+    serialization failure; on a refusal, commit first if the refusal says its writes stand
+    (``CrowdError.persist``)."""
+    session = session if session is not None else get_session()
     for attempt in range(_ATTEMPTS):
         try:
             result = work(session)
@@ -210,23 +223,24 @@ def _claim_response(served: Claim) -> Response:
     return Response(served.json_text(), mimetype="application/json")
 
 
+def build_ahead(app: Flask, database: Database, campaign_id: int) -> None:
+    """Build the campaign's next batch of HITs, if it still needs one; run once a claim's
+    response has been sent, so the worker does not wait for it and the next claims find HITs
+    instead of waiting for a build. Never raises: claims build on demand if this fails."""
+    try:
+        # The response is gone, and its application context with it: the build runs in one
+        # of its own, so it records the batch's render job like any other build.
+        with app.app_context(), database.session() as session:
+            refill(session, campaign_id)
+            session.commit()
+    except Exception:
+        log.exception("building HITs ahead for campaign %s failed", campaign_id)
+
+
 def _refill_after(response: Response, campaign_id: int) -> None:
-    """Build the campaign's next batch of HITs once this response has been sent: the worker
-    does not wait for it, and the next claims find HITs instead of waiting for a build."""
     app = current_app._get_current_object()
     database = get_database()
-
-    def build() -> None:
-        try:
-            # The response is gone, and its application context with it: the build runs in one
-            # of its own, so it records the batch's render job like any other build.
-            with app.app_context(), database.session() as session:
-                refill(session, campaign_id)
-                session.commit()
-        except Exception:  # claims build on demand if this fails; never break the response
-            log.exception("building HITs ahead for campaign %s failed", campaign_id)
-
-    response.call_on_close(build)
+    response.call_on_close(lambda: build_ahead(app, database, campaign_id))
 
 
 @bp.post("/assignments")
@@ -234,8 +248,8 @@ def claim_assignment():
     """Claim the next HIT (or resume the open one): questions and the lease's end."""
     token_hash = hash_secret(_token())
     database = get_database()
-    if fastpath.available(database):
-        outcome = _fast_claim(database, token_hash)
+    if fastpath.available(database) and not request.environ.get(FAST_PATH_TRIED):
+        outcome = fast_claim(database, token_hash)
         if outcome.claim is not None:
             response = _claim_response(outcome.claim)
             if outcome.refill is not None:
@@ -247,7 +261,7 @@ def claim_assignment():
     return _claim_response(in_transaction(lambda s: claim(s, worker)))
 
 
-def _fast_claim(database: Database, token_hash: str) -> fastpath.ClaimOutcome:
+def fast_claim(database: Database, token_hash: str) -> fastpath.ClaimOutcome:
     """The claim statement on the thread's held autocommit connection. After an error the
     connection is dropped; after a dropped connection the claim is retried once on a new one
     (safe: a claim that did land is found again as the worker's open assignment), and the pool's
@@ -270,7 +284,7 @@ def post_answers(assignment_id: str):
     token_hash = hash_secret(_token())
     answers = _triples(parse(AnswersIn))
     session = get_session()
-    if fastpath.available(session):
+    if fastpath.available(session) and not request.environ.get(FAST_PATH_TRIED):
         try:
             return jsonify(
                 in_transaction(

@@ -150,13 +150,16 @@ def test_a_pool_running_low_is_refilled_after_the_response(client, db):
 
 
 def _record_refills(monkeypatch) -> list[int]:
-    """The campaign ids claims schedule a refill for, in order (the refills still run)."""
+    """The campaign ids claims build ahead for once their responses are sent, in order (the
+    builds still run), whether Flask or the hot lane served the claim."""
     from service.api import work
 
     asked: list[int] = []
-    real = work._refill_after
+    real = work.build_ahead
     monkeypatch.setattr(
-        work, "_refill_after", lambda response, cid: (asked.append(cid), real(response, cid))
+        work,
+        "build_ahead",
+        lambda app, database, cid: (asked.append(cid), real(app, database, cid)),
     )
     return asked
 
