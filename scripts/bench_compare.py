@@ -60,6 +60,10 @@ class Stack:
     slices: list[dict[str, Any]] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    workdir: Path | None = None
+    #: The measured slices' windows (``time.monotonic()``), for ``--request-cpu``.
+    windows: list[tuple[float, float]] = field(default_factory=list)
+    web: dict[str, Any] | None = None
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, bench.Options]:
@@ -72,6 +76,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, bench.Option
     )
     parser.add_argument("--virtual-workers", type=int, default=16)
     parser.add_argument("--gunicorn-class", choices=("sync", "gthread"), default="sync")
+    parser.add_argument(
+        "--request-cpu",
+        action="store_true",
+        help="also compare the web workers' CPU per claim, submission and HIT build "
+        "(bench_service.py --request-cpu), summed over each stack's measured slices",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     baseline = args.baseline.resolve()
@@ -88,6 +98,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, bench.Option
             "--duration", str(seconds),
             "--virtual-workers", str(args.virtual_workers),
             "--gunicorn-class", args.gunicorn_class,
+            *(["--request-cpu"] if args.request_cpu else []),
         ]
     )  # fmt: skip
     return args, options
@@ -114,9 +125,10 @@ def start_stack(stack: Stack, options: bench.Options, workdir: Path) -> None:
     stack.url = stack.postgres.create_database("bench")
     _migrate(stack.code_dir, stack.url)
     stack.seeded = bench.seed_project(stack.url, options.clusters)
-    (workdir / stack.label).mkdir()
+    stack.workdir = workdir / stack.label
+    stack.workdir.mkdir()
     stack.gunicorn, stack.port = bench.start_gunicorn(
-        stack.url, workdir / stack.label, options, stack.redis.url, code_dir=stack.code_dir
+        stack.url, stack.workdir, options, stack.redis.url, code_dir=stack.code_dir
     )
     bench.seed_through_api(stack.port, stack.url, stack.seeded, options)
 
@@ -143,6 +155,7 @@ def run_slice(stack: Stack, seconds: float, settle: float, *, measured: bool = T
     if not measured:
         return
     result = bench.summarize(load, window, cpu, busy)
+    stack.windows.append(window)
     stack.slices.append(
         {
             "cycles_per_s": result["cycles_per_s"],
@@ -204,6 +217,28 @@ def compare(stacks: dict[str, Stack]) -> dict[str, Any]:
     return report
 
 
+#: What ``--request-cpu`` compares, per stack and as current / baseline.
+_WEB_MEASURES = (
+    "ms_per_claim_without_build",
+    "ms_per_submit",
+    "ms_per_build",
+    "build_ms_per_cycle",
+    "in_requests_ms_per_cycle",
+)
+
+
+def compare_request_cpu(stacks: dict[str, Stack]) -> dict[str, Any]:
+    """Each stack's web CPU by request kind over its measured slices, and current / baseline."""
+    web = {
+        label: bench.request_cpu(stack.workdir, stack.windows) for label, stack in stacks.items()
+    }
+    ratios = {}
+    for measure in _WEB_MEASURES:
+        base, cur = web["baseline"][measure], web["current"][measure]
+        ratios[measure] = round(cur / base, 3) if base and cur is not None else None
+    return {"web_request_cpu": web, "web_request_cpu_ratio": ratios}
+
+
 def main(argv: list[str] | None = None) -> int:
     args, options = parse_args(argv)
     stacks = {
@@ -242,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for stack in stacks.values():
                 stop_stack(stack)
+        if options.request_cpu:  # the web workers wrote their sums as they exited
+            report.update(compare_request_cpu(stacks))
     if args.json:
         print(json.dumps(report, indent=2))
     elif report["pairs"] == 0:

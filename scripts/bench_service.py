@@ -435,16 +435,16 @@ def start_gunicorn(
 REQUEST_CPU_DIR = "request-cpu"
 
 
-def request_cpu(workdir: Path, window: tuple[float, float]) -> dict[str, Any]:
-    """What ``scripts/gunicorn_request_cpu.py`` recorded in the measured window, whole seconds
+def request_cpu(workdir: Path, windows: list[tuple[float, float]]) -> dict[str, Any]:
+    """What ``scripts/gunicorn_request_cpu.py`` recorded in the measured windows, whole seconds
     only: mean CPU per claim (building excluded) and per submission, CPU per HIT build, the
     builds' CPU spread over the HIT cycles, and all requests' CPU per cycle (the rest of the web
     tier's CPU is gunicorn's own, between requests: accepting, parsing, closing)."""
+    seconds = {s for start, end in windows for s in range(math.ceil(start), math.floor(end))}
     totals: dict[str, list[float]] = {}
-    first, last = math.ceil(window[0]), math.floor(window[1])
     for path in sorted((workdir / REQUEST_CPU_DIR).glob("*.json")):
         for second, kinds in json.loads(path.read_text()).items():
-            if first <= int(second) < last:
+            if int(second) in seconds:
                 for kind, (count, cpu) in kinds.items():
                     total = totals.setdefault(kind, [0, 0.0])
                     total[0] += count
@@ -463,7 +463,7 @@ def request_cpu(workdir: Path, window: tuple[float, float]) -> dict[str, Any]:
     # Builds run inside claims (while the response closes): counted once, in "claim".
     in_requests = sum(cpu for kind, (_, cpu) in totals.items() if kind != "build")
     return {
-        "seconds": max(0, last - first),
+        "seconds": len(seconds),
         "claims": int(claims),
         "ms_per_claim_without_build": per_claim_ms(claim_cpu - build_cpu),
         "ms_per_submit": mean_ms("submit"),
@@ -1047,7 +1047,7 @@ def main(argv: list[str] | None = None) -> int:
                 if options.statements
                 else None
             )
-            web = request_cpu(workdir, window) if options.request_cpu else None
+            web = request_cpu(workdir, [window]) if options.request_cpu else None
             checks = check_database(url, seeded.campaign_id, seeded.tree_id)
             pgbench = run_pgbench(server, "bench", options.pgbench_seconds, options.pgbench_clients)
             duplicates = {

@@ -111,8 +111,14 @@ def test_bench_compare_serves_each_checkout_its_own_code(tmp_path):
     report = _run(
         "bench_compare.py", str(baseline),
         "--pairs", "1", "--slice", "2", "--settle", "0.5", "--virtual-workers", "2",
+        "--request-cpu",
     )  # fmt: skip
     assert any("claim 500" in error for error in report["baseline"]["errors"])
+    # Each stack's web CPU by request kind: the baseline only ever failed its claims.
+    web = report["web_request_cpu"]
+    assert web["current"]["claims"] > 0 and web["current"]["ms_per_submit"] > 0
+    assert web["baseline"]["claims"] > 0 and web["baseline"]["ms_per_submit"] is None
+    assert report["web_request_cpu_ratio"]["ms_per_submit"] is None
     assert report["baseline"]["cycles_per_s"]["max"] == 0
     assert report["current"]["errors"] == []
     assert report["current"]["cycles_per_s"]["min"] > 0
