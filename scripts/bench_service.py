@@ -411,6 +411,10 @@ def start_gunicorn(
             "75",
             "--log-level",
             "warning",
+            # gunicorn >= 25.1 otherwise binds ~/.gunicorn/gunicorn.ctl, shared by every gunicorn
+            # of this user: bench_compare's two stacks, and tests running alongside.
+            "--control-socket",
+            str(workdir / "gunicorn.ctl"),
             "service.app:create_app()",
         ],
         cwd=str(code_dir),
