@@ -166,6 +166,9 @@ class HotLane:
             return None
         if not 0 < length <= self.max_body:
             return None
-        body = environ["wsgi.input"].read(length)
+        try:
+            body = environ["wsgi.input"].read(length)
+        except OSError:  # the client went away mid-body (gunicorn's NoMoreData is one)
+            return None
         environ["wsgi.input"] = io.BytesIO(body)
         return body if len(body) == length else None
