@@ -73,3 +73,51 @@ def test_dispose_closes_every_threads_connection(database):
     database.dispose()
     assert all(c.closed for c in connections)
     assert not database.autocommit_connection().closed  # usable again afterwards
+
+
+# ------------------------------------------------------ kept connections for transactions
+
+
+def test_each_thread_keeps_one_pooled_connection_for_its_transactions(database):
+    from sqlalchemy.orm import Session
+
+    kept = database.transaction_connection()
+    assert database.transaction_connection() is kept and not kept.closed
+    with Session(bind=kept) as session:
+        first = session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        session.commit()
+    # Closing the session neither closes the connection nor gives it back to the pool.
+    assert not kept.closed and database.transaction_connection() is kept
+    with Session(bind=kept) as session:
+        assert session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar() == first
+    assert database.engine.pool.checkedout() == 1
+
+    other: list = []
+    thread = threading.Thread(target=lambda: other.append(database.transaction_connection()))
+    thread.start()
+    thread.join()
+    assert other[0] is not kept
+    # Neither is the autocommit connection of the fast claims.
+    assert _backend(database.autocommit_connection()) != first
+
+
+def test_a_discarded_transaction_connection_goes_back_to_the_pool(database):
+    kept = database.transaction_connection()
+    database.discard_transaction_connection()
+    assert kept.closed and database.engine.pool.checkedout() == 0
+    assert database._held_all == []
+    again = database.transaction_connection()
+    assert again is not kept and not again.closed
+    again.invalidate()  # e.g. the pool found the server gone: the next call notices
+    assert database.transaction_connection() is not again
+
+
+def test_kept_transaction_connections_follow_forks_and_dispose(database, monkeypatch):
+    parent = database.transaction_connection()
+    monkeypatch.setattr(service_db.os, "getpid", lambda: -1)  # "after fork"
+    child = database.transaction_connection()
+    assert child is not parent
+    monkeypatch.undo()
+    database.dispose()  # the parent's own: closed, back to its pool
+    assert parent.closed
+    assert not database.transaction_connection().closed  # usable again afterwards
