@@ -14,7 +14,7 @@ from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, current_app, g, has_request_context, request
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -203,50 +203,13 @@ class Database:
             self._held_all.append((os.getpid(), fairy))
         return connection
 
-    def transaction_connection(self) -> Connection:
-        """This thread's own pooled connection, checked out once and kept for as long as the
-        process lives: for the hot lane's submissions (:mod:`service.api.hotlane`), each a
-        transaction of a few statements in a session bound to it.
-
-        A session made by :attr:`sessionmaker` checks a connection out of the pool and back in
-        for every transaction, which cost a submission about 0.3 ms of CPU under load
-        (``scripts/bench_service.py --request-cpu``: the hot lane's submission 2.27 -> 1.95 ms,
-        its fast path 1.63 -> 1.42 ms). Kept out of the pool, the connection takes one of the
-        pool's places per thread; the budget (:func:`connection_budget`) is unchanged. It is not
-        pinged: a statement that fails on it is the caller's cue to
-        :meth:`discard_transaction_connection` (the next call checks out another).
-        """
-        held = getattr(self._held, "transactions", None)
-        if held is not None:
-            pid, connection = held
-            if pid == os.getpid() and not connection.closed and not connection.invalidated:
-                return connection
-            self._held.transactions = None
-        connection = self.engine.connect()
-        self._held.transactions = (os.getpid(), connection)
-        with self._held_lock:
-            self._held_all.append((os.getpid(), connection))
-        return connection
-
-    def discard_transaction_connection(self) -> None:
-        """Give this thread's kept connection back to the pool (after a statement on it failed:
-        the pool tests it, and drops it if the server is gone); the next use checks out another."""
-        held = getattr(self._held, "transactions", None)
-        self._held.transactions = None
-        if held is not None and held[0] == os.getpid():
-            self._forget(held[1])
-            _close_quietly(held[1])
-
-    def _forget(self, kept: Any) -> None:
-        with self._held_lock:
-            self._held_all = [entry for entry in self._held_all if entry[1] is not kept]
-
     def discard_autocommit_connection(self) -> None:
         """Close this thread's held connection (after it failed); the next use reconnects."""
         held = getattr(self._held, "connection", None)
         self._held.connection = None
         if held is not None and held[0] == os.getpid():
-            self._forget(held[1])
+            with self._held_lock:
+                self._held_all = [entry for entry in self._held_all if entry[1] is not held[1]]
             _close_quietly(held[1])
 
     def dispose(self) -> None:

@@ -9,10 +9,8 @@ session, ``jsonify``) cost about as much CPU as the claim statement itself: meas
 So this WSGI middleware, in front of the Flask app, takes exactly those two requests, and only
 the ordinary case of each: a worker token in the ``X-Worker-Token`` header, a JSON body the
 answers' model accepts, an assignment the fast path serves. It runs the same code as the Flask
-views (:func:`service.api.work.fast_claim`, :func:`service.crowd.fastpath.submit`, the same
-refusals, committed by the rules of :func:`service.api.work.in_transaction`) and answers the same
-JSON; a submission's session is bound to the thread's kept connection
-(:meth:`service.db.Database.transaction_connection`) instead of a pool checkout. Everything
+views (:func:`service.api.work.fast_claim`, :func:`service.crowd.fastpath.submit` inside
+:func:`service.api.work.in_transaction`, the same refusals) and answers the same JSON. Everything
 else goes to Flask unchanged -- the token in the query string, a bad body (whose 4xx names the
 problem), a claim with no HIT ready, a submission the fast path hands back, any error -- with
 the body it read put back and, when the fast path was already tried, a mark in the environ
@@ -29,16 +27,13 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import psycopg
 from flask import Flask
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wsgi import ClosingIterator
 
 from service.api import work
-from service.api.work import FAST_PATH_TRIED, AnswersIn, refusal
+from service.api.work import FAST_PATH_TRIED, AnswersIn, in_transaction, refusal
 from service.auth import hash_secret
 from service.crowd import CrowdError, fastpath
 from service.db import Database
@@ -91,16 +86,10 @@ class HotLane:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         answer = None
         if self.enabled and environ.get("REQUEST_METHOD") == "POST":
-            # Either way Flask serves the request again from the start, retrying and reporting
-            # what fails as it does.
             try:
                 answer = self._serve(environ)
-            except (DBAPIError, psycopg.Error) as exc:  # e.g. a connection the server dropped
-                log.warning(
-                    "the hot lane handed a request to Flask after a database error: %s", exc
-                )
-                answer = None
             except Exception:
+                # Served again from the start by Flask, which retries and reports what fails.
                 log.exception("the hot lane handed a request to Flask after an error")
                 answer = None
         if answer is None:
@@ -151,26 +140,18 @@ class HotLane:
             ]
         except ValidationError:
             return None  # Flask parses it again and says what is wrong
-        connection = self.database.transaction_connection()
-        try:
-            # Closing the session rolls back whatever it left open; the connection stays.
-            with Session(bind=connection, expire_on_commit=False) as session:
-                try:
-                    result = fastpath.submit(session, token_hash, assignment_id, answers)
-                    session.commit()
-                except fastpath.Fallback:
-                    environ[FAST_PATH_TRIED] = True
-                    return None
-                except CrowdError as exc:
-                    if exc.persist:
-                        session.commit()
-                    status, error, headers = refusal(exc)
-                    return _json(error, status, headers)
-        except Exception:
-            # A statement failed (a deadlock, a dropped connection): the connection goes back
-            # to the pool, and Flask serves the request again, retrying as it does.
-            self.database.discard_transaction_connection()
-            raise
+        with self.database.session() as session:
+            try:
+                result = in_transaction(
+                    lambda s: fastpath.submit(s, token_hash, assignment_id, answers), session
+                )
+            except fastpath.Fallback:
+                session.rollback()
+                environ[FAST_PATH_TRIED] = True
+                return None
+            except CrowdError as exc:
+                status, error, headers = refusal(exc)
+                return _json(error, status, headers)
         return _json(result.to_json())
 
     def _json_body(self, environ: dict[str, Any]) -> bytes | None:

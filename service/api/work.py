@@ -118,10 +118,11 @@ def _reset(session: Session, exc: DBAPIError | psycopg.Error) -> None:
         session.rollback()
 
 
-def in_transaction(work: Callable[[Session], T]) -> T:
-    """Run ``work`` and commit; retry on deadlock / serialization failure; on a refusal, commit
-    first if the refusal says its writes stand (``CrowdError.persist``)."""
-    session = get_session()
+def in_transaction(work: Callable[[Session], T], session: Session | None = None) -> T:
+    """Run ``work`` in ``session`` (default: the request's) and commit; retry on deadlock /
+    serialization failure; on a refusal, commit first if the refusal says its writes stand
+    (``CrowdError.persist``)."""
+    session = session if session is not None else get_session()
     for attempt in range(_ATTEMPTS):
         try:
             result = work(session)

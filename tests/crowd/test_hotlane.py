@@ -7,7 +7,6 @@ import json
 import logging
 from collections import Counter
 
-import psycopg
 import pytest
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -16,7 +15,6 @@ from service.api import hotlane, work
 from service.api.validation import parse
 from service.api.work import AnswersIn
 from service.crowd import fastpath
-from service.db import get_database
 from service.models import Assignment
 from tests.crowd.world import campaign_world, correct_answers, do_hit, worker_headers
 
@@ -228,29 +226,3 @@ def test_the_lane_accepts_no_body_flask_would_refuse(app, body):
         return  # handed to Flask, which decides
     with app.test_request_context(data=body, content_type="application/json"):
         assert parse(AnswersIn) == below
-
-
-def test_a_database_error_hands_the_submission_to_flask_on_a_fresh_connection(
-    app, client, db, views, monkeypatch, caplog
-):
-    world, _, worker = campaign_world(client, db, "hot-db-error")
-    do_hit(client, db, world, worker["token"])
-    hit = _claim(client, worker["token"]).get_json()
-    database = get_database(app)
-    kept = database.transaction_connection()  # the test client serves in this thread
-    real = fastpath.submit
-
-    def lose_the_connection(*args, **kwargs):
-        monkeypatch.setattr(fastpath, "submit", real)  # once
-        raise psycopg.OperationalError("server closed the connection unexpectedly")
-
-    monkeypatch.setattr(fastpath, "submit", lose_the_connection)
-    views.clear()
-    with caplog.at_level(logging.WARNING, logger=hotlane.__name__):
-        done = client.post(
-            _submit_url(hit), json=_answers(hit), headers=worker_headers(worker["token"])
-        )
-    assert done.status_code == 200 and done.get_json()["accepted"] == 12
-    assert views == Counter({SUBMIT: 1})
-    assert "after a database error: server closed the connection" in caplog.text
-    assert kept.closed and database.transaction_connection() is not kept
