@@ -27,8 +27,10 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import psycopg
 from flask import Flask
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wsgi import ClosingIterator
 
@@ -86,10 +88,16 @@ class HotLane:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         answer = None
         if self.enabled and environ.get("REQUEST_METHOD") == "POST":
+            # Either way Flask serves the request again from the start, retrying and reporting
+            # what fails as it does.
             try:
                 answer = self._serve(environ)
+            except (DBAPIError, psycopg.Error) as exc:  # e.g. a connection the server dropped
+                log.warning(
+                    "the hot lane handed a request to Flask after a database error: %s", exc
+                )
+                answer = None
             except Exception:
-                # Served again from the start by Flask, which retries and reports what fails.
                 log.exception("the hot lane handed a request to Flask after an error")
                 answer = None
         if answer is None:

@@ -7,6 +7,7 @@ import json
 import logging
 from collections import Counter
 
+import psycopg
 import pytest
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -226,3 +227,42 @@ def test_the_lane_accepts_no_body_flask_would_refuse(app, body):
         return  # handed to Flask, which decides
     with app.test_request_context(data=body, content_type="application/json"):
         assert parse(AnswersIn) == below
+
+
+def _fail_submit_once(monkeypatch, error: Exception) -> None:
+    real = fastpath.submit
+
+    def fail(*args, **kwargs):
+        monkeypatch.setattr(fastpath, "submit", real)  # once
+        raise error
+
+    monkeypatch.setattr(fastpath, "submit", fail)
+
+
+def test_a_dropped_connection_is_retried_in_the_lane(client, db, views, monkeypatch):
+    world, _, worker = campaign_world(client, db, "hot-dropped")
+    do_hit(client, db, world, worker["token"])
+    hit = _claim(client, worker["token"]).get_json()
+    _fail_submit_once(monkeypatch, psycopg.OperationalError("server closed the connection"))
+    views.clear()
+    headers = worker_headers(worker["token"])
+    done = client.post(_submit_url(hit), json=_answers(hit), headers=headers)
+    assert done.status_code == 200 and done.get_json()["accepted"] == 12
+    assert views == Counter()  # in_transaction retried on a fresh connection, as in Flask
+
+
+def test_a_database_error_hands_the_submission_to_flask(client, db, views, monkeypatch, caplog):
+    """One the lane does not retry: logged without a trace, and Flask serves the submission
+    from the start (here the error does not come back)."""
+    world, _, worker = campaign_world(client, db, "hot-db-error")
+    do_hit(client, db, world, worker["token"])
+    hit = _claim(client, worker["token"]).get_json()
+    _fail_submit_once(monkeypatch, psycopg.errors.QueryCanceled("canceling statement"))
+    views.clear()
+    headers = worker_headers(worker["token"])
+    with caplog.at_level(logging.WARNING, logger=hotlane.__name__):
+        done = client.post(_submit_url(hit), json=_answers(hit), headers=headers)
+    assert done.status_code == 200 and done.get_json()["accepted"] == 12
+    assert views == Counter({SUBMIT: 1})
+    assert "after a database error: canceling statement" in caplog.text
+    assert "Traceback" not in caplog.text
