@@ -95,7 +95,8 @@ def check_connection_budget(url: str, processes: int, threads: int) -> str | Non
     """
     if not url.startswith("postgresql"):
         return None
-    engine = create_engine(url, poolclass=NullPool)
+    # A few seconds at most: an unreachable server must not hold the web server's start.
+    engine = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 5})
     try:
         with engine.connect() as connection:
             allowed = int(connection.exec_driver_sql("SHOW max_connections").scalar_one())

@@ -74,7 +74,7 @@ def test_gunicorn_warns_before_starting_workers_past_the_budget(monkeypatch, pg_
 
 
 def test_gunicorn_starts_with_a_warning_when_it_cannot_check(monkeypatch, caplog):
-    unreachable = "postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2"
+    unreachable = "postgresql+psycopg://nobody@127.0.0.1:1/none"
     warnings = _gunicorn_hook(monkeypatch, unreachable, 2, 4, caplog)
     assert len(warnings) == 1
     assert warnings[0].startswith("could not check the PostgreSQL connection budget")
