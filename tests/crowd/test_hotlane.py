@@ -37,6 +37,14 @@ def views(app, monkeypatch) -> Counter:
     return reached
 
 
+def _served_once(client, db, name: str):
+    """A campaign and a worker who has done one HIT: the first claim built the batch (through
+    Flask's portable claim), so the next claims find HITs ready. ``(world, worker invite)``."""
+    world, _, worker = campaign_world(client, db, name)
+    assert do_hit(client, db, world, worker["token"]) is not None
+    return world, worker
+
+
 def _claim(client, token: str, **kwargs):
     response = client.post("/api/v1/work/assignments", headers=worker_headers(token), **kwargs)
     response.close()  # runs the build ahead, as a sent response does
@@ -82,8 +90,7 @@ def test_the_ordinary_cycle_never_reaches_flask(client, db, views):
 
 
 def test_the_token_in_the_query_string_goes_through_flask(client, db, views):
-    world, _, worker = campaign_world(client, db, "hot-query")
-    do_hit(client, db, world, worker["token"])
+    _, worker = _served_once(client, db, "hot-query")
     views.clear()
     response = client.post(f"/api/v1/work/assignments?token={worker['token']}")
     response.close()
@@ -91,8 +98,7 @@ def test_the_token_in_the_query_string_goes_through_flask(client, db, views):
 
 
 def test_bad_bodies_get_flasks_answer(client, db, views):
-    world, _, worker = campaign_world(client, db, "hot-bad")
-    do_hit(client, db, world, worker["token"])
+    _, worker = _served_once(client, db, "hot-bad")
     hit = _claim(client, worker["token"]).get_json()
     headers = {**worker_headers(worker["token"]), "Content-Type": "application/json"}
     views.clear()
@@ -123,8 +129,7 @@ def test_bad_bodies_get_flasks_answer(client, db, views):
 
 
 def test_a_refusal_is_the_same_below_and_in_flask(app, client, db, views):
-    world, _, worker = campaign_world(client, db, "hot-refusal")
-    do_hit(client, db, world, worker["token"])
+    _, worker = _served_once(client, db, "hot-refusal")
     hit = _claim(client, worker["token"]).get_json()
     unknown = {"answers": [{"question_id": "not-in-this-hit", "value": True, "ms": 900}]}
     headers = worker_headers(worker["token"])
@@ -148,8 +153,7 @@ def test_what_the_fast_path_hands_back_flask_serves_without_trying_it_again(
 ):
     """Another worker's assignment: the fast submit finds no assignment for this token and hands
     the request back; the view goes straight to the portable code, which refuses it."""
-    world, _, owner = campaign_world(client, db, "hot-handback")
-    do_hit(client, db, world, owner["token"])
+    world, owner = _served_once(client, db, "hot-handback")
     hit = _claim(client, owner["token"]).get_json()
     intruder = client.post(f"/api/v1/projects/{world.project_id}/workers", headers=world.headers)
     token = intruder.get_json()["token"]
@@ -163,8 +167,7 @@ def test_what_the_fast_path_hands_back_flask_serves_without_trying_it_again(
 
 
 def test_an_error_below_flask_is_served_again_by_flask(client, db, views, monkeypatch, caplog):
-    world, _, worker = campaign_world(client, db, "hot-error")
-    do_hit(client, db, world, worker["token"])
+    _, worker = _served_once(client, db, "hot-error")
     real = work.fast_claim
     failures = iter([RuntimeError("a bug below Flask")])
 
@@ -183,8 +186,7 @@ def test_an_error_below_flask_is_served_again_by_flask(client, db, views, monkey
 
 
 def test_a_large_body_is_left_to_flask(client, db, views):
-    world, _, worker = campaign_world(client, db, "hot-large")
-    do_hit(client, db, world, worker["token"])
+    _, worker = _served_once(client, db, "hot-large")
     hit = _claim(client, worker["token"]).get_json()
     views.clear()
     padded = json.dumps(_answers(hit)) + " " * hotlane.MAX_HOT_BODY
@@ -240,8 +242,7 @@ def _fail_submit_once(monkeypatch, error: Exception) -> None:
 
 
 def test_a_dropped_connection_is_retried_in_the_lane(client, db, views, monkeypatch):
-    world, _, worker = campaign_world(client, db, "hot-dropped")
-    do_hit(client, db, world, worker["token"])
+    _, worker = _served_once(client, db, "hot-dropped")
     hit = _claim(client, worker["token"]).get_json()
     _fail_submit_once(monkeypatch, psycopg.OperationalError("server closed the connection"))
     views.clear()
@@ -254,8 +255,7 @@ def test_a_dropped_connection_is_retried_in_the_lane(client, db, views, monkeypa
 def test_a_database_error_hands_the_submission_to_flask(client, db, views, monkeypatch, caplog):
     """One the lane does not retry: logged without a trace, and Flask serves the submission
     from the start (here the error does not come back)."""
-    world, _, worker = campaign_world(client, db, "hot-db-error")
-    do_hit(client, db, world, worker["token"])
+    _, worker = _served_once(client, db, "hot-db-error")
     hit = _claim(client, worker["token"]).get_json()
     _fail_submit_once(monkeypatch, psycopg.errors.QueryCanceled("canceling statement"))
     views.clear()
