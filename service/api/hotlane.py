@@ -145,9 +145,7 @@ class HotLane:
         if body is None:
             return None
         try:
-            answers = [
-                (a.question_id, a.value, a.ms) for a in AnswersIn.model_validate_json(body).answers
-            ]
+            answers = work.answer_triples(AnswersIn.model_validate_json(body))
         except ValidationError:
             return None  # Flask parses it again and says what is wrong
         with self.database.session() as session:

@@ -174,7 +174,7 @@ def worker_view(view: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _triples(body: AnswersIn) -> list[tuple[str, bool, int]]:
+def answer_triples(body: AnswersIn) -> list[tuple[str, bool, int]]:
     return [(a.question_id, a.value, a.ms) for a in body.answers]
 
 
@@ -210,7 +210,7 @@ def get_qualification(worker: WorkerRow):
 @accepts(AnswersIn)
 def post_qualification(worker: WorkerRow):
     """Grade the qualification test: every question answered once."""
-    answers = _triples(parse(AnswersIn))
+    answers = answer_triples(parse(AnswersIn))
 
     def work(session: Session):
         params = qualification_params(session, worker.project_id)
@@ -282,7 +282,7 @@ def fast_claim(database: Database, token_hash: str) -> fastpath.ClaimOutcome:
 def post_answers(assignment_id: str):
     """Store answers of an assignment (partial and repeated submissions are fine)."""
     token_hash = hash_secret(_token())
-    answers = _triples(parse(AnswersIn))
+    answers = answer_triples(parse(AnswersIn))
     session = get_session()
     if fastpath.available(session) and not request.environ.get(FAST_PATH_TRIED):
         try:
