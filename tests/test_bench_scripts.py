@@ -211,3 +211,54 @@ def test_bench_compare_reports_each_pairs_ratios_in_slice_order():
         {"cycles_per_s": 1.1, "cpu_per_cycle": 0.9},
         {"cycles_per_s": 0.75, "cpu_per_cycle": 1.2},
     ]
+
+
+def test_bench_floor_serves_both_storages_and_counts_every_answer_back():
+    """The stack's floor: raw WSGI on gunicorn, the service's load process; a run whose stored
+    answers do not match the acknowledged ones would report a problem (and exit non-zero)."""
+    report = _run("bench_floor.py", "--duration", "2", "--warmup", "1", "--virtual-workers", "3")
+    assert set(report["medians"]) == {"rows", "arrays"}
+    assert [run["storage"] for run in report["runs"]] == ["rows", "arrays"]
+    for run in report["runs"]:
+        assert run["problems"] == []
+        assert run["cycles"] > 0
+        # Warm-up cycles are stored too: at least the measured ones, 55 answers each.
+        assert run["answers_stored"] >= 55 * run["cycles"]
+        assert set(run["cpu_ms_per_cycle"]) == {"postgres", "gunicorn", "load", "total"}
+    for medians in report["medians"].values():
+        assert medians["hit_cycles_per_s"] > 0 and medians["cpu_ms_per_cycle"]["total"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--duration", "0"], "--duration must be positive"),
+        (["--virtual-workers", "0"], "--virtual-workers must be at least 1"),
+        (["--storage", "columns"], "invalid choice: 'columns'"),
+    ],
+)
+def test_bench_floor_refuses_bad_arguments(args, message):
+    stderr = _refusal("bench_floor.py", *args)
+    assert message in stderr and "Traceback" not in stderr
+
+
+def test_bench_floor_app_answers_a_malformed_submission_with_400():
+    """The floor app parses before it touches the database: a bad body costs no connection."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench_floor
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    import io
+
+    statuses = []
+    for body in (b"not json", b'{"answers": [{"value": true}]}', b"[]"):
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "PATH_INFO": "/api/v1/work/assignments/7/answers",
+            "CONTENT_LENGTH": str(len(body)),
+            "wsgi.input": io.BytesIO(body),
+        }
+        out = bench_floor.app(environ, lambda status, headers: statuses.append(status))
+        assert json.loads(b"".join(out))["error"]["code"] == "bad_request"
+    assert statuses == ["400 BAD REQUEST"] * 3
