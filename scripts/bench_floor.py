@@ -26,6 +26,12 @@ answers (it adds an id and two more indexes); ``arrays`` stores a submission as 
 Both are idempotent (``ON CONFLICT DO NOTHING``). Left out, deliberately: building HITs, gold,
 quality control, cluster counts, decisions, money and the worker's token. After each run every
 acknowledged answer is counted back from the database, and no question may have been served twice.
+
+``--service`` also runs ``scripts/bench_service.py`` (same duration, load and gunicorn shape) next
+to each repeat's floor runs, alternating which goes first, and reports the service over the floor
+per pair: this machine's speed drifts by tens of percent within minutes and moves both alike, so
+the ratio, and the service's CPU per cycle above the floor's (maskmill's own work), compare
+sessions better than either figure alone.
 """
 
 from __future__ import annotations
@@ -172,6 +178,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="answers as one row each, as one row of arrays per submission, or both (alternating)",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per storage")
+    parser.add_argument(
+        "--service",
+        action="store_true",
+        help="also run bench_service.py in each repeat and report the service over the floor",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     for name in ("duration", "warmup"):
@@ -296,6 +307,95 @@ def run_once(server: Any, dbname: str, storage: str, args: argparse.Namespace) -
     return {**summary, "storage": storage, "answers_stored": stored, "problems": problems}
 
 
+#: The rate issue 4 asks of the service; the budget per cycle is the machine's cores over it.
+TARGET_CYCLES_PER_S = 300
+_PARTS = ("postgres", "gunicorn", "load", "total")
+
+
+def run_service(args: argparse.Namespace) -> dict[str, Any]:
+    """One ``bench_service.py`` run in the floor's shape; its JSON report, with ``problems``."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench_service.py"),
+            "--json",
+            "--duration",
+            str(args.duration),
+            "--warmup",
+            str(args.warmup),
+            "--virtual-workers",
+            str(args.virtual_workers),
+            "--gunicorn-workers",
+            str(args.gunicorn_workers),
+            "--pgbench-seconds",
+            "1",
+            "--pgbench-clients",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"bench_service.py failed:\n{done.stderr[-3000:]}")
+    report = json.loads(done.stdout)
+    problems = list(report["errors"])
+    if (
+        report["duplicates"]["questions_served_twice"]
+        or report["duplicates"]["answers_counted_twice"]
+    ):
+        problems.append(f"duplicates: {report['duplicates']}")
+    return {**report, "problems": problems}
+
+
+def against_service(
+    floors: list[dict[str, Any]], services: list[dict[str, Any]], args: argparse.Namespace
+) -> dict[str, Any]:
+    """The service against the floor with answers as rows (as the service stores them), pair by
+    pair (one pair per repeat), then the median of each pair's figure."""
+    rows = [run for run in floors if run["storage"] == args.storages[0]]
+    pairs = list(zip(rows, services, strict=True))
+    cycles = [s["hit_cycles_per_s"] / f["cycles_per_s"] for f, s in pairs]
+    ratio = {
+        part: [s["cpu_ms_per_cycle"][part] / f["cpu_ms_per_cycle"][part] for f, s in pairs]
+        for part in _PARTS
+    }
+    above = {
+        part: [s["cpu_ms_per_cycle"][part] - f["cpu_ms_per_cycle"][part] for f, s in pairs]
+        for part in _PARTS
+    }
+    budget = (os.cpu_count() or 1) * 1000 / TARGET_CYCLES_PER_S
+    floor_total = statistics.median(f["cpu_ms_per_cycle"]["total"] for f, _ in pairs)
+    return {
+        "service": {
+            "runs": len(services),
+            "hit_cycles_per_s": round(
+                statistics.median(s["hit_cycles_per_s"] for s in services), 1
+            ),
+            "p99_request_ms": round(
+                statistics.median(s["latency_ms"]["request"]["p99"] for s in services), 1
+            ),
+            "cpu_ms_per_cycle": {
+                part: round(statistics.median(s["cpu_ms_per_cycle"][part] for s in services), 2)
+                for part in _PARTS
+            },
+        },
+        "service_over_floor": {
+            "floor_storage": args.storages[0],
+            "hit_cycles_per_s": round(statistics.median(cycles), 3),
+            "cpu_ms_per_cycle": {p: round(statistics.median(v), 3) for p, v in ratio.items()},
+            "pairs": [round(c, 3) for c in cycles],
+        },
+        # The service's CPU per cycle above the floor's: what maskmill's own work costs.
+        "maskmill_ms_per_cycle": {p: round(statistics.median(v), 2) for p, v in above.items()},
+        "budget": {
+            "target_cycles_per_s": TARGET_CYCLES_PER_S,
+            "ms_per_cycle": round(budget, 2),
+            "floor_ms_per_cycle": round(floor_total, 2),
+            "left_for_maskmill_ms": round(budget - floor_total, 2),
+        },
+    }
+
+
 def _median(runs: list[dict[str, Any]], *path: str) -> float | None:
     values = []
     for run in runs:
@@ -314,10 +414,16 @@ def main(argv: list[str] | None = None) -> int:
 
     server = PostgresServer().start()
     runs: list[dict[str, Any]] = []
+    services: list[dict[str, Any]] = []
     try:
         for repeat in range(args.repeat):
+            # Odd repeats run the service first, so neither side always gets the later minutes.
+            if args.service and repeat % 2:
+                services.append(run_service(args))
             for storage in args.storages:
                 runs.append(run_once(server, f"floor_{repeat}_{storage}", storage, args))
+            if args.service and not repeat % 2:
+                services.append(run_service(args))
     finally:
         server.stop()
     by_storage = {
@@ -337,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "the stack's floor per HIT cycle (claim 55 questions, submit 55 answers)",
         "medians": by_storage,
+        **(against_service(runs, services, args) if args.service else {}),
         "runs": runs,
         "config": {
             "duration_s": args.duration,
@@ -348,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     failed = [problem for run in runs for problem in run["problems"]]
+    failed += [f"bench_service: {problem}" for run in services for problem in run["problems"]]
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -357,6 +465,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{storage}: {medians['hit_cycles_per_s']} HIT cycles/s, p99 "
                 f"{medians['p99_request_ms']} ms; CPU per cycle {cpu['total']} ms "
                 f"(PostgreSQL {cpu['postgres']}, gunicorn {cpu['gunicorn']}, load {cpu['load']})"
+            )
+        if args.service:
+            over = report["service_over_floor"]
+            print(
+                f"service: {report['service']['hit_cycles_per_s']} HIT cycles/s; over the floor "
+                f"{over['hit_cycles_per_s']}x cycles/s, {over['cpu_ms_per_cycle']['total']}x CPU "
+                f"per cycle; maskmill's own work {report['maskmill_ms_per_cycle']['total']} ms per "
+                f"cycle, {report['budget']['left_for_maskmill_ms']} ms left for it at the target"
             )
     for problem in failed:
         print(f"problem: {problem}", file=sys.stderr)

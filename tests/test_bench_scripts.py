@@ -4,6 +4,7 @@ verify, not the speed -- the figures come from full runs, quoted in the README).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -262,3 +263,58 @@ def test_bench_floor_app_answers_a_malformed_submission_with_400():
         out = bench_floor.app(environ, lambda status, headers: statuses.append(status))
         assert json.loads(b"".join(out))["error"]["code"] == "bad_request"
     assert statuses == ["400 BAD REQUEST"] * 3
+
+
+def test_bench_floor_against_the_service_pairs_each_repeat():
+    report = _run(
+        "bench_floor.py",
+        *("--duration", "2", "--warmup", "1", "--virtual-workers", "3"),
+        *("--storage", "rows", "--repeat", "2", "--service"),
+    )
+    assert report["service"]["runs"] == 2 and report["service"]["hit_cycles_per_s"] > 0
+    over = report["service_over_floor"]
+    assert over["floor_storage"] == "rows" and len(over["pairs"]) == 2
+    assert over["cpu_ms_per_cycle"]["total"] > 0
+    budget = report["budget"]
+    assert budget["target_cycles_per_s"] == 300
+    assert budget["left_for_maskmill_ms"] == pytest.approx(
+        budget["ms_per_cycle"] - budget["floor_ms_per_cycle"], abs=0.02
+    )
+
+
+def test_bench_floor_service_figures_are_per_pair_medians():
+    """Ratios and differences are taken pair by pair (the machine drifts between pairs), then
+    their medians: not the ratio of the medians."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench_floor
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+    def cpu(total):
+        return {"postgres": total / 2, "gunicorn": total / 4, "load": total / 4, "total": total}
+
+    floors = [
+        {"storage": "rows", "cycles_per_s": rate, "cpu_ms_per_cycle": cpu(total)}
+        for rate, total in ((500.0, 4.0), (250.0, 8.0), (400.0, 5.0))
+    ]
+    services = [
+        {
+            "hit_cycles_per_s": rate,
+            "latency_ms": {"request": {"p99": p99}},
+            "cpu_ms_per_cycle": cpu(total),
+        }
+        for rate, total, p99 in ((200.0, 10.0, 50.0), (50.0, 40.0, 300.0), (100.0, 20.0, 80.0))
+    ]
+    args = bench_floor.parse_args(["--storage", "rows"])
+    report = bench_floor.against_service(floors, services, args)
+    over = report["service_over_floor"]
+    assert over["pairs"] == [0.4, 0.2, 0.25]
+    assert over["hit_cycles_per_s"] == 0.25
+    assert over["cpu_ms_per_cycle"]["total"] == 4.0  # 2.5, 5.0, 4.0
+    assert report["maskmill_ms_per_cycle"]["total"] == 15.0  # 6, 32, 15
+    assert report["service"]["hit_cycles_per_s"] == 100.0
+    assert report["service"]["p99_request_ms"] == 80.0
+    cores = os.cpu_count() or 1
+    assert report["budget"]["ms_per_cycle"] == round(cores * 1000 / 300, 2)
+    assert report["budget"]["floor_ms_per_cycle"] == 5.0
