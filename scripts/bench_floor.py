@@ -13,8 +13,9 @@ decisions, money) may cost.
 
 The floor is a raw WSGI app in this file (no Flask, SQLAlchemy or pydantic), served by gunicorn in
 the benchmark's default shape (``sync`` workers, cores + 1, started as ``bench_service.py`` starts
-the service) and driven by the same load process (``bench_service.run_load``: virtual workers on
-keep-alive clients, 16 by default) on the same throwaway PostgreSQL. A cycle is:
+the service) and driven by the same load process (``bench_service.run_load``: 16 virtual workers
+by default, each reconnecting after every response, as sync workers close the connection) on the
+same kind of throwaway PostgreSQL. A cycle is:
 
 * **claim**: one autocommitted statement takes the oldest open HIT (``FOR UPDATE SKIP LOCKED``)
   and returns its stored payload: 50 + 5 questions in the service's own format and size
