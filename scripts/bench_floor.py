@@ -224,46 +224,22 @@ def stored_answers(dsn: str, storage: str) -> int:
 
 def start_floor(dsn: str, storage: str, workdir: Path, workers: int) -> tuple[Any, int]:
     """gunicorn serving :func:`app` in the benchmark's shape; returns the process and its port."""
-    from bench_service import _http
+    from bench_service import launch_gunicorn
 
-    from service.devservers import free_port, stop_process_group
+    from service.devservers import free_port
 
     port = free_port()
     env = dict(os.environ, BENCH_FLOOR_DSN=dsn, BENCH_FLOOR_STORAGE=storage)
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("gunicorn")),
-            "--workers",
-            str(workers),
-            "--worker-class",
-            "sync",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--log-level",
-            "warning",
-            "--control-socket",
-            str(workdir / "gunicorn.ctl"),
-            "--chdir",
-            str(REPO / "scripts"),
-            "bench_floor:app",
-        ],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=open(workdir / "gunicorn.log", "wb"),  # noqa: SIM115 - closed with the process
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gunicorn exited: {(workdir / 'gunicorn.log').read_text()[-2000:]}")
-        try:
-            if _http(port, "GET", "/healthz")[0] == 200:
-                return process, port
-        except OSError:
-            pass
-        time.sleep(0.2)
-    stop_process_group(process)
-    raise RuntimeError("gunicorn did not answer /healthz in time")
+    args = [
+        "--workers", str(workers),
+        "--worker-class", "sync",
+        "--bind", f"127.0.0.1:{port}",
+        "--log-level", "warning",
+        "--control-socket", str(workdir / "gunicorn.ctl"),
+        "--chdir", str(REPO / "scripts"),
+        "bench_floor:app",
+    ]  # fmt: skip
+    return launch_gunicorn(args, port, workdir, env, timeout=30), port
 
 
 def run_once(server: Any, dbname: str, storage: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -394,10 +394,8 @@ def start_gunicorn(
         (workdir / REQUEST_CPU_DIR).mkdir(exist_ok=True)
         env["BENCH_REQUEST_CPU_DIR"] = str(workdir / REQUEST_CPU_DIR)
         hooks = ["--config", str(REPO / "scripts" / "gunicorn_request_cpu.py")]
-    gunicorn = Path(sys.executable).with_name("gunicorn")
-    process = subprocess.Popen(
+    process = launch_gunicorn(
         [
-            str(gunicorn),
             *hooks,
             "--workers",
             str(options.gunicorn_workers),
@@ -417,19 +415,41 @@ def start_gunicorn(
             str(workdir / "gunicorn.ctl"),
             "service.app:create_app()",
         ],
-        cwd=str(code_dir),
+        port,
+        workdir,
+        env,
+        cwd=code_dir,
+    )
+    return process, port
+
+
+def launch_gunicorn(
+    args: list[str],
+    port: int,
+    workdir: Path,
+    env: dict[str, str],
+    *,
+    cwd: Path | None = None,
+    timeout: float = 60,
+) -> subprocess.Popen:
+    """This environment's gunicorn with ``args``, in a session of its own (stopped with
+    ``stop_process_group``), its log in ``workdir/gunicorn.log``; returned once ``/healthz`` on
+    ``port`` answers 200. Raises with the log's end if it exits, or after ``timeout`` seconds."""
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("gunicorn")), *args],
+        cwd=None if cwd is None else str(cwd),
         env=env,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=open(workdir / "gunicorn.log", "wb"),  # noqa: SIM115 - closed with the process
     )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"gunicorn exited: {(workdir / 'gunicorn.log').read_text()[-2000:]}")
         with contextlib.suppress(OSError):
             if _http(port, "GET", "/healthz")[0] == 200:
-                return process, port
+                return process
         time.sleep(0.2)
     stop_process_group(process)
     raise RuntimeError("gunicorn did not answer /healthz in time")
