@@ -3,6 +3,8 @@ verify, not the speed -- the figures come from full runs, quoted in the README).
 
 from __future__ import annotations
 
+import importlib
+import io
 import json
 import os
 import shutil
@@ -29,6 +31,16 @@ def _run(script: str, *args: str, timeout: float = 240) -> dict:
     done = _script(script, "--json", *args, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
+
+
+def _script_module(name: str):
+    """A script under ``scripts/`` imported as a module (they import each other by name, so the
+    folder is on the path only while it loads)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
 
 
 def _refusal(script: str, *args: str, timeout: float = 120) -> str:
@@ -186,11 +198,7 @@ def test_bench_cycle_cpu_refuses_bad_variants(args, message):
 
 
 def test_bench_compare_reports_each_pairs_ratios_in_slice_order():
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import bench_compare
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    bench_compare = _script_module("bench_compare")
 
     def stack(label, rates, cpus):
         made = bench_compare.Stack(label, REPO)
@@ -245,13 +253,7 @@ def test_bench_floor_refuses_bad_arguments(args, message):
 
 def test_bench_floor_app_answers_a_malformed_submission_with_400():
     """The floor app parses before it touches the database: a bad body costs no connection."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import bench_floor
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
-    import io
-
+    bench_floor = _script_module("bench_floor")
     statuses = []
     for body in (b"not json", b'{"answers": [{"value": true}]}', b"[]"):
         environ = {
@@ -285,11 +287,7 @@ def test_bench_floor_against_the_service_pairs_each_repeat():
 def test_bench_floor_service_figures_are_per_pair_medians():
     """Ratios and differences are taken pair by pair (the machine drifts between pairs), then
     their medians: not the ratio of the medians."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import bench_floor
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    bench_floor = _script_module("bench_floor")
 
     def cpu(total):
         return {"postgres": total / 2, "gunicorn": total / 4, "load": total / 4, "total": total}
