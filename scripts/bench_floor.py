@@ -343,19 +343,7 @@ def against_service(
     budget = (os.cpu_count() or 1) * 1000 / TARGET_CYCLES_PER_S
     floor_total = statistics.median(f["cpu_ms_per_cycle"]["total"] for f, _ in pairs)
     return {
-        "service": {
-            "runs": len(services),
-            "hit_cycles_per_s": round(
-                statistics.median(s["hit_cycles_per_s"] for s in services), 1
-            ),
-            "p99_request_ms": round(
-                statistics.median(s["latency_ms"]["request"]["p99"] for s in services), 1
-            ),
-            "cpu_ms_per_cycle": {
-                part: round(statistics.median(s["cpu_ms_per_cycle"][part] for s in services), 2)
-                for part in _PARTS
-            },
-        },
+        "service": _medians(services, "hit_cycles_per_s"),
         "service_over_floor": {
             "floor_storage": args.storages[0],
             "hit_cycles_per_s": round(statistics.median(cycles), 3),
@@ -370,6 +358,17 @@ def against_service(
             "floor_ms_per_cycle": round(floor_total, 2),
             "left_for_maskmill_ms": round(budget - floor_total, 2),
         },
+    }
+
+
+def _medians(runs: list[dict[str, Any]], rate: str) -> dict[str, Any]:
+    """Medians of the figures both reports carry (floor runs name their rate ``cycles_per_s``,
+    ``bench_service.py`` ``hit_cycles_per_s``)."""
+    return {
+        "runs": len(runs),
+        "hit_cycles_per_s": _median(runs, rate),
+        "p99_request_ms": _median(runs, "latency_ms", "request", "p99"),
+        "cpu_ms_per_cycle": {part: _median(runs, "cpu_ms_per_cycle", part) for part in _PARTS},
     }
 
 
@@ -405,13 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     by_storage = {
         storage: {
-            "runs": len(mine),
-            "hit_cycles_per_s": _median(mine, "cycles_per_s"),
-            "p99_request_ms": _median(mine, "latency_ms", "request", "p99"),
-            "cpu_ms_per_cycle": {
-                part: _median(mine, "cpu_ms_per_cycle", part)
-                for part in ("postgres", "gunicorn", "load", "total")
-            },
+            **_medians(mine, "cycles_per_s"),
             "cpu_bound_cycles_per_s": _median(mine, "cpu_bound_cycles_per_s"),
         }
         for storage in args.storages
