@@ -38,16 +38,23 @@ def _add(kind: str, cpu: float) -> None:
         bucket[1] += cpu
 
 
+_PATHS: dict[str, Any] = {}
+
+
 def _kind(path: str) -> str:
-    if path == "/api/v1/work/assignments":
+    """The request's kind, by the paths the service's hot lane serves (set in :func:`post_fork`)."""
+    if path == _PATHS["claim"]:
         return "claim"
-    if path.startswith("/api/v1/work/assignments/") and path.endswith("/answers"):
+    if _PATHS["submit"].fullmatch(path):
         return "submit"
     return "other"
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    from service.api import work
+    # In the worker, not at import: gunicorn's master loads this file as its config.
+    from service.api import hotlane, work
+
+    _PATHS.update(claim=hotlane.CLAIM_PATH, submit=hotlane.SUBMIT_PATH)
 
     build = work.refill
 
