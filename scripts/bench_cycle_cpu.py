@@ -118,7 +118,8 @@ def run_variant(server: Any, dbname: str, ddl: list[str], args: argparse.Namespa
                 pg_ms = (tree_cpu({"pg": server.process.pid})["pg"] - pg_before) / args.cycles
                 rounds.append((python_ms, pg_ms * 1000))
             get_database(app).dispose()
-        with psycopg.connect(server.dsn(dbname)) as conn:
+        with psycopg.connect(server.dsn(dbname), autocommit=True) as conn:
+            _wait_for_other_backends(conn)
             hot = {
                 name: (round(hot_updates / updates, 3) if updates else None)
                 for name, updates, hot_updates in conn.execute(
@@ -130,6 +131,25 @@ def run_variant(server: Any, dbname: str, ddl: list[str], args: argparse.Namespa
         return {"rounds": rounds, "hot_update_share": hot}
     finally:
         server.drop_database(dbname)
+
+
+def _wait_for_other_backends(conn: Any, timeout: float = 10.0) -> None:
+    """Wait until this connection is the database's only backend. PostgreSQL's table statistics
+    are flushed by each backend at most once a second, and at the latest as it exits, which
+    happens after its client has closed the connection: read before that, a short run's updates
+    may not be counted yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        others = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()[0]
+        if not others:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(
+        f"the app's connections to the benchmark database did not close in {timeout} s"
+    )
 
 
 def _campaign_and_worker(client: Any, seeded: Any) -> str:
