@@ -150,17 +150,18 @@ def run_slice(stack: Stack, seconds: float, settle: float, *, measured: bool = T
         "gunicorn": stack.gunicorn.pid,
         "redis": stack.redis.process.pid,
     }
-    load, cpu, busy = bench.load_and_measure(stack.port, stack.seeded.tokens, window, servers)
+    load, cpu, machine = bench.load_and_measure(stack.port, stack.seeded.tokens, window, servers)
     stack.errors.extend(load.errors)
     if not measured:
         return
-    result = bench.summarize(load, window, cpu, busy)
+    result = bench.summarize(load, window, cpu, machine)
     stack.windows.append(window)
     stack.slices.append(
         {
             "cycles_per_s": result["cycles_per_s"],
             "cpu_ms_per_cycle": result["cpu_ms_per_cycle"]["total"],
             "other_busy_cores": result["other_busy_cores"],
+            "steal_cores": result["steal_cores"],
         }
     )
     stack.latencies.extend(
@@ -214,6 +215,7 @@ def compare(stacks: dict[str, Stack]) -> dict[str, Any]:
         for b, c in pairs
     ]
     report["other_busy_cores"] = _spread([s["other_busy_cores"] for s in base + cur])
+    report["steal_cores"] = _spread([s["steal_cores"] for s in base + cur])
     return report
 
 

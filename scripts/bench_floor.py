@@ -257,7 +257,7 @@ def run_once(server: Any, dbname: str, storage: str, args: argparse.Namespace) -
             try:
                 start = time.monotonic() + args.warmup
                 window = (start, start + args.duration)
-                load, cpu, busy = load_and_measure(
+                load, cpu, machine = load_and_measure(
                     port,
                     ["floor"] * args.virtual_workers,
                     window,
@@ -269,7 +269,7 @@ def run_once(server: Any, dbname: str, storage: str, args: argparse.Namespace) -
         stored = stored_answers(dsn, storage)
     finally:
         server.drop_database(dbname)
-    summary = summarize(load, window, cpu, busy)
+    summary = summarize(load, window, cpu, machine)
     problems = load.errors[:5] + (
         [f"... {len(load.errors) - 5} more"] if len(load.errors) > 5 else []
     )

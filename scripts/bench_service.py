@@ -44,8 +44,10 @@ cluster's state is what :func:`service.engine.policy.decide` says for its counts
 is consistent and within budget. Then ``pgbench`` (from PostgreSQL's bindir) runs a one-row
 ``INSERT`` script against the same server, as a yardstick of what this machine's PostgreSQL can do
 at all. CPU time is read from ``/proc`` per component (PostgreSQL, gunicorn, load generator), so
-the result can be read even on a machine shared with other work (``machine.other_busy_cores``):
-``cpu_bound_cycles_per_s`` is the rate the measured CPU per cycle would allow on all cores
+the result can be read even on a machine shared with other work (``machine.other_busy_cores``)
+or a virtual machine whose host is busy (``machine.steal_cores``: the time the hypervisor gave
+this machine's CPUs to others while they had work; on this machine it has ranged from none to
+half of both cores within an hour, and CPU per cycle with it): ``cpu_bound_cycles_per_s`` is the rate the measured CPU per cycle would allow on all cores
 (contention from other work inflates CPU time too, so it is a bound, not a promise).
 
 ``--request-cpu`` adds the web tier's own account (``web_request_cpu``): gunicorn hooks
@@ -540,12 +542,33 @@ def tree_cpu(roots: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def machine_busy() -> float:
-    """CPU seconds all cores spent not idle since boot (from ``/proc/stat``)."""
+@dataclass(frozen=True)
+class MachineTime:
+    """CPU seconds all cores spent busy, and the seconds the hypervisor ran something else while
+    this machine's virtual CPUs wanted to run (steal): on a shared host the second moves the
+    benchmark's figures as much as anything in the code, so reports show it apart."""
+
+    busy: float
+    steal: float
+
+    def __sub__(self, other: MachineTime) -> MachineTime:
+        return MachineTime(self.busy - other.busy, self.steal - other.steal)
+
+
+def parse_proc_stat(line: str, ticks: int) -> MachineTime:
+    """The aggregate ``cpu`` line of ``/proc/stat`` (user nice system idle iowait irq softirq
+    steal ...; clock ticks) as busy seconds, steal excluded, and steal seconds."""
+    fields = line.split()
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        raise ValueError(f"not the aggregate cpu line of /proc/stat: {line!r}")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return MachineTime((user + nice + system + irq + softirq) / ticks, steal / ticks)
+
+
+def machine_time() -> MachineTime:
+    """Busy and steal seconds of all cores since boot (from ``/proc/stat``)."""
     with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    return (sum(values[:8]) - idle) / _clock_ticks()
+        return parse_proc_stat(f.readline(), _clock_ticks())
 
 
 # ------------------------------------------------------------------------------------- load
@@ -706,10 +729,10 @@ def load_and_measure(
     window: tuple[float, float],
     servers: dict[str, int],
     at_start: Callable[[], None] | None = None,
-) -> tuple[LoadResult, dict[str, float], float]:
+) -> tuple[LoadResult, dict[str, float], MachineTime]:
     """Run the load process until ``window`` ends (monotonic times); return what it recorded,
     the CPU seconds each server (root pid, with its descendants) and the load process spent
-    inside the window, and the whole machine's busy seconds there. ``at_start`` runs just
+    inside the window, and the whole machine's busy and steal seconds there. ``at_start`` runs just
     before the window opens (e.g. to reset PostgreSQL's statement statistics)."""
     queue: mp.Queue = mp.get_context("fork").Queue()
     loader = mp.get_context("fork").Process(
@@ -720,12 +743,12 @@ def load_and_measure(
     time.sleep(max(0.0, window[0] - time.monotonic()))
     if at_start is not None:
         at_start()
-    cpu0, busy0 = tree_cpu(roots), machine_busy()
+    cpu0, machine0 = tree_cpu(roots), machine_time()
     time.sleep(max(0.0, window[1] - time.monotonic()))
-    cpu1, busy1 = tree_cpu(roots), machine_busy()
+    cpu1, machine1 = tree_cpu(roots), machine_time()
     load: LoadResult = queue.get(timeout=120)
     loader.join(timeout=30)
-    return load, {k: cpu1[k] - cpu0[k] for k in cpu1}, busy1 - busy0
+    return load, {k: cpu1[k] - cpu0[k] for k in cpu1}, machine1 - machine0
 
 
 # ----------------------------------------------------------------------------------- checks
@@ -968,7 +991,7 @@ def _ms(values: list[float]) -> dict[str, float | None]:
 
 
 def summarize(
-    load: LoadResult, window: tuple[float, float], cpu: dict[str, float], busy: float
+    load: LoadResult, window: tuple[float, float], cpu: dict[str, float], machine: MachineTime
 ) -> dict[str, Any]:
     start, end = window
     span = end - start
@@ -994,7 +1017,8 @@ def summarize(
         # What the CPU spent per cycle would allow if this run had every core to itself.
         "cpu_bound_cycles_per_s": round(n * (os.cpu_count() or 1) / ours, 1) if ours else None,
         "cpu_cores_used": {k: round(v / span, 2) for k, v in cpu.items()},
-        "other_busy_cores": round(max(0.0, busy - ours) / span, 2),
+        "other_busy_cores": round(max(0.0, machine.busy - ours) / span, 2),
+        "steal_cores": round(max(0.0, machine.steal) / span, 2),
     }
 
 
@@ -1054,7 +1078,7 @@ def main(argv: list[str] | None = None) -> int:
             loadavg_before = os.getloadavg()
             begin = time.monotonic()
             window = (begin + options.warmup, begin + options.warmup + options.duration)
-            load, cpu, busy = load_and_measure(
+            load, cpu, machine = load_and_measure(
                 load_port,
                 seeded.tokens,
                 window,
@@ -1065,7 +1089,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_process_group(gunicorn)  # its workers write their request CPU as they exit
             gunicorn = None
 
-            result = summarize(load, window, cpu, busy)
+            result = summarize(load, window, cpu, machine)
             statements = (
                 top_statements(url, options.statements, result["cycles"])
                 if options.statements
@@ -1124,6 +1148,7 @@ def main(argv: list[str] | None = None) -> int:
                     "loadavg_before": [round(v, 2) for v in loadavg_before],
                     "loadavg_after": [round(v, 2) for v in loadavg_after],
                     "other_busy_cores": result["other_busy_cores"],
+                    "steal_cores": result["steal_cores"],
                 },
                 "config": {
                     "duration_s": options.duration,

@@ -200,26 +200,43 @@ def test_bench_cycle_cpu_refuses_bad_variants(args, message):
 def test_bench_compare_reports_each_pairs_ratios_in_slice_order():
     bench_compare = _script_module("bench_compare")
 
-    def stack(label, rates, cpus):
+    def stack(label, rates, cpus, steal):
         made = bench_compare.Stack(label, REPO)
         made.slices = [
-            {"cycles_per_s": r, "cpu_ms_per_cycle": c, "other_busy_cores": 0.0}
-            for r, c in zip(rates, cpus, strict=True)
+            {"cycles_per_s": r, "cpu_ms_per_cycle": c, "other_busy_cores": 0.0, "steal_cores": s}
+            for r, c, s in zip(rates, cpus, steal, strict=True)
         ]
         return made
 
     report = bench_compare.compare(
         {
-            "baseline": stack("baseline", [100, 100, 200], [10.0, 10.0, 5.0]),
+            "baseline": stack("baseline", [100, 100, 200], [10.0, 10.0, 5.0], [0.0, 0.5, 0.1]),
             # The middle slice completed no cycle: its pair is left out.
-            "current": stack("current", [110, 0, 150], [9.0, None, 6.0]),
+            "current": stack("current", [110, 0, 150], [9.0, None, 6.0], [0.2, 0.9, 0.3]),
         }
     )
     assert report["pairs"] == 2
+    # Steal is the machine's, whatever the slice did: every slice counts.
+    assert report["steal_cores"] == {"median": 0.25, "min": 0.0, "max": 0.9}
     assert report["pair_ratios"] == [
         {"cycles_per_s": 1.1, "cpu_per_cycle": 0.9},
         {"cycles_per_s": 0.75, "cpu_per_cycle": 1.2},
     ]
+
+
+def test_bench_service_reads_busy_and_steal_time_apart():
+    bench_service = _script_module("bench_service")
+    # user nice system idle iowait irq softirq steal guest guest_nice, in clock ticks
+    line = "cpu  5622744 1206633 1126595 4982268 70597 0 185238 542969 0 0\n"
+    time = bench_service.parse_proc_stat(line, 100)
+    assert time.busy == pytest.approx((5622744 + 1206633 + 1126595 + 185238) / 100)
+    assert time.steal == pytest.approx(5429.69)
+    later = bench_service.parse_proc_stat("cpu 10 0 5 100 0 0 1 40 0 0", 10)
+    delta = later - bench_service.MachineTime(1.0, 1.0)
+    assert (delta.busy, delta.steal) == (pytest.approx(0.6), pytest.approx(3.0))
+    for bad in ("cpu0 1 2 3 4 5 6 7 8", "cpu 1 2 3", ""):
+        with pytest.raises(ValueError, match="aggregate cpu line"):
+            bench_service.parse_proc_stat(bad, 100)
 
 
 def test_bench_floor_serves_both_storages_and_counts_every_answer_back():
