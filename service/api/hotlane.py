@@ -148,13 +148,14 @@ class HotLane:
             answers = work.answer_triples(AnswersIn.model_validate_json(body))
         except ValidationError:
             return None  # Flask parses it again and says what is wrong
-        with self.database.session() as session:
+        # A connection from the pool, not a session: see fastpath._transaction_connection.
+        with self.database.engine.connect() as connection:
             try:
                 result = in_transaction(
-                    lambda s: fastpath.submit(s, token_hash, assignment_id, answers), session
+                    lambda c: fastpath.submit(c, token_hash, assignment_id, answers), connection
                 )
             except fastpath.Fallback:
-                session.rollback()
+                connection.rollback()
                 environ[FAST_PATH_TRIED] = True
                 return None
             except CrowdError as exc:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import psycopg
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from pydantic import Field
-from sqlalchemy import bindparam, select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -107,21 +107,26 @@ def _disconnected(exc: DBAPIError | psycopg.Error) -> bool:
     return sqlstate == "" or sqlstate.startswith("08") or sqlstate.startswith("57P0")
 
 
-def _reset(session: Session, exc: DBAPIError | psycopg.Error) -> None:
+def _reset(owner: Session | Connection, exc: DBAPIError | psycopg.Error) -> None:
     """Roll back after a failed attempt. After a disconnect, drop the dead connection, and the
     pool's other connections with it: whatever cut this one (a server restart, a failover) cut
     those too, and the pool tests only idle ones."""
-    if _disconnected(exc):
-        session.invalidate()
-        session.get_bind().dispose()
+    if not _disconnected(exc):
+        owner.rollback()
+    elif isinstance(owner, Session):
+        owner.invalidate()
+        owner.get_bind().dispose()
     else:
-        session.rollback()
+        owner.invalidate()
+        owner.rollback()  # a connection reconnects only once its dead transaction is ended
+        owner.engine.dispose()
 
 
-def in_transaction(work: Callable[[Session], T], session: Session | None = None) -> T:
+def in_transaction(work: Callable[[Any], T], session: Session | Connection | None = None) -> T:
     """Run ``work`` in ``session`` (default: the request's) and commit; retry on deadlock /
     serialization failure; on a refusal, commit first if the refusal says its writes stand
-    (``CrowdError.persist``)."""
+    (``CrowdError.persist``). ``session`` may be a bare connection (the hot lane's), which
+    ``work`` receives instead."""
     session = session if session is not None else get_session()
     for attempt in range(_ATTEMPTS):
         try:

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, bindparam, select, update
+from sqlalchemy import Connection, and_, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from service.engine.policy import Action, PolicyParams, auto_action, decide
@@ -439,7 +439,7 @@ def _write(c: ClusterRow, decided: datetime | None) -> dict:
 # ------------------------------------------------------------------------------- activation
 
 
-def ancestors(session: Session, cluster_ids: Sequence[int]) -> dict[int, list[int]]:
+def ancestors(session: Session | Connection, cluster_ids: Sequence[int]) -> dict[int, list[int]]:
     """Each cluster's ancestor rows, parent first (a recursive walk up ``parent_id``, primary-key
     lookups only). Questions are then read by ``cluster_id``, which is indexed, rather than joined
     to the recursive result (the planner cannot estimate its size and scans all questions)."""
@@ -476,7 +476,7 @@ _ANSWERED_SAMPLES = (
 )
 
 
-def _known_answers(session: Session, parent: ClusterRow) -> list[tuple[int, bool]]:
+def _known_answers(session: Session | Connection, parent: ClusterRow) -> list[tuple[int, bool]]:
     """``(leaf_pos, label)`` of every answered sample question of ``parent`` and its ancestors
     inside ``parent``'s range: what its children may inherit."""
     ids = [parent.id, *ancestors(session, [parent.id]).get(parent.id, [])]
@@ -484,7 +484,9 @@ def _known_answers(session: Session, parent: ClusterRow) -> list[tuple[int, bool
     return list({int(pos): bool(value) for pos, value in rows}.items())
 
 
-def _children(session: Session, parents: list[ClusterRow]) -> dict[int, list[ClusterRow]]:
+def _children(
+    session: Session | Connection, parents: list[ClusterRow]
+) -> dict[int, list[ClusterRow]]:
     """Child rows of ``parents``, locked in id order (``parent_id`` is indexed)."""
     rows = session.execute(_CHILDREN, {"ids": sorted({p.id for p in parents})}).all()
     out: dict[int, list[ClusterRow]] = defaultdict(list)
@@ -519,7 +521,7 @@ def _activate(
 
 
 def activate_children(
-    session: Session, parents: list[ClusterRow], policy: PolicyParams, now: datetime
+    session: Session | Connection, parents: list[ClusterRow], policy: PolicyParams, now: datetime
 ) -> dict[int, ClusterState]:
     """Bring the children of split clusters into the search, level by level (one query each).
 
@@ -527,6 +529,9 @@ def activate_children(
     ``reuse_parent_answers`` its counts start from the answered questions of its ancestors inside
     its range, and if those already settle it the decision is applied at once (as the engine's
     runner does when it pops such a child).
+
+    Core statements only, so a bare connection serves as well as a session (the hot lane's
+    submissions have no session).
     """
     reuse = policy.reuse_parent_answers
     level = [(p, _known_answers(session, p) if reuse else []) for p in parents]
