@@ -455,7 +455,10 @@ class Hit(TimestampMixin, Base):
     __tablename__ = "hits"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
+    #: Not a foreign key (migration 0004): HITs are inserted by the build that has just read
+    #: their campaign and reserves their money in the same transaction; campaigns are never
+    #: deleted.
+    campaign_id: Mapped[int] = mapped_column(Integer)
     status: Mapped[HitStatus] = mapped_column(
         _enum(HitStatus, "hit_status"), default=HitStatus.OPEN
     )
@@ -498,8 +501,11 @@ class Assignment(TimestampMixin, Base):
     __tablename__ = "assignments"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    hit_id: Mapped[int] = mapped_column(ForeignKey("hits.id", ondelete="CASCADE"))
-    worker_id: Mapped[int] = mapped_column(ForeignKey("workers.id", ondelete="CASCADE"))
+    #: Neither is a foreign key (migration 0004): an assignment is inserted by the claim
+    #: statement that has just locked its HIT and read its worker by token; HITs and workers are
+    #: never deleted.
+    hit_id: Mapped[int] = mapped_column(Integer)
+    worker_id: Mapped[int] = mapped_column(Integer)
     public_id: Mapped[str] = mapped_column(PublicId, unique=True)
     external_id: Mapped[str | None] = mapped_column(String(200))
     status: Mapped[AssignmentStatus] = mapped_column(
@@ -653,8 +659,10 @@ class LedgerEntry(TimestampMixin, Base):
     __tablename__ = "ledger_entries"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
-    hit_id: Mapped[int | None] = mapped_column(ForeignKey("hits.id", ondelete="SET NULL"))
+    #: Neither is a foreign key (migration 0004): an entry is written by the statement that moves
+    #: its campaign's money, for HITs the transaction holds; campaigns and HITs are never deleted.
+    campaign_id: Mapped[int] = mapped_column(Integer)
+    hit_id: Mapped[int | None] = mapped_column(Integer)
     kind: Mapped[LedgerKind] = mapped_column(_enum(LedgerKind, "ledger_kind"))
     amount_micros: Mapped[int] = mapped_column(BigInteger)
     note: Mapped[str] = mapped_column(Text, default="")
