@@ -10,13 +10,13 @@ from collections import Counter
 import psycopg
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from service.api import hotlane, work
 from service.api.validation import parse
 from service.api.work import AnswersIn
 from service.crowd import fastpath
-from service.models import Assignment
+from service.models import Answer, Assignment
 from tests.crowd.world import campaign_world, correct_answers, do_hit, worker_headers
 
 CLAIM, SUBMIT = "work.claim_assignment", "work.post_answers"
@@ -86,6 +86,34 @@ def test_the_ordinary_cycle_never_reaches_flask(client, db, views):
     assert views == Counter()
     assignment = db.scalar(select(Assignment).where(Assignment.public_id == body["assignment_id"]))
     assert assignment.status == "approved" and assignment.gold_total == 2
+    db.rollback()
+
+
+def test_a_part_of_a_hit_submitted_below_flask_is_committed(client, db, views):
+    """A partial submission is the one the fast path does not commit itself (nothing completes):
+    the lane's connection must have begun a transaction its commit reaches, or the answers
+    would be rolled back as the connection goes back to the pool."""
+    world, worker = _served_once(client, db, "hot-partial")
+    hit = _claim(client, worker["token"]).get_json()
+    right = correct_answers(db, world, [q["id"] for q in hit["questions"]])
+    answers = [{"question_id": q, "value": v, "ms": 900} for q, v in right.items()]
+    headers = worker_headers(worker["token"])
+    views.clear()
+    first = client.post(_submit_url(hit), json={"answers": answers[:5]}, headers=headers)
+    assert first.get_json() == {"accepted": 5, "duplicates": 0, "complete": False}
+    stored = db.scalar(
+        select(func.count())
+        .select_from(Answer)
+        .join(Assignment, Assignment.id == Answer.assignment_id)
+        .where(Assignment.public_id == hit["assignment_id"])
+    )
+    db.rollback()
+    assert stored == 5
+    rest = client.post(_submit_url(hit), json={"answers": answers}, headers=headers)
+    assert rest.get_json() == {"accepted": 7, "duplicates": 5, "complete": True}
+    assert views == Counter()
+    assignment = db.scalar(select(Assignment).where(Assignment.public_id == hit["assignment_id"]))
+    assert assignment.status == "approved"
     db.rollback()
 
 
