@@ -38,6 +38,7 @@ from tests.crowd.world import (
     campaign_world,
     correct_answers,
     do_hit,
+    stored_answers,
     worker_headers,
 )
 
@@ -264,14 +265,7 @@ def test_a_busy_assignment_falls_back_and_waits(client, db, postgres, migrated_p
     assert done and done[0].status_code == 200
     assert done[0].get_json() == {"accepted": 12, "duplicates": 0, "complete": True}
     assert portable_calls == [hit["assignment_id"]]
-    stored = db.scalar(
-        select(func.count())
-        .select_from(Answer)
-        .join(Assignment, Assignment.id == Answer.assignment_id)
-        .where(Assignment.public_id == hit["assignment_id"])
-    )
-    db.rollback()
-    assert stored == 12
+    assert stored_answers(db, hit["assignment_id"]) == 12
 
 
 def test_the_claim_payload_is_stored_once_and_sent_verbatim(client, db):

@@ -10,14 +10,20 @@ from collections import Counter
 import psycopg
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from service.api import hotlane, work
 from service.api.validation import parse
 from service.api.work import AnswersIn
 from service.crowd import fastpath
-from service.models import Answer, Assignment
-from tests.crowd.world import campaign_world, correct_answers, do_hit, worker_headers
+from service.models import Assignment
+from tests.crowd.world import (
+    campaign_world,
+    correct_answers,
+    do_hit,
+    stored_answers,
+    worker_headers,
+)
 
 CLAIM, SUBMIT = "work.claim_assignment", "work.post_answers"
 
@@ -101,14 +107,7 @@ def test_a_part_of_a_hit_submitted_below_flask_is_committed(client, db, views):
     views.clear()
     first = client.post(_submit_url(hit), json={"answers": answers[:5]}, headers=headers)
     assert first.get_json() == {"accepted": 5, "duplicates": 0, "complete": False}
-    stored = db.scalar(
-        select(func.count())
-        .select_from(Answer)
-        .join(Assignment, Assignment.id == Answer.assignment_id)
-        .where(Assignment.public_id == hit["assignment_id"])
-    )
-    db.rollback()
-    assert stored == 5
+    assert stored_answers(db, hit["assignment_id"]) == 5
     rest = client.post(_submit_url(hit), json={"answers": answers}, headers=headers)
     assert rest.get_json() == {"accepted": 7, "duplicates": 5, "complete": True}
     assert views == Counter()

@@ -14,13 +14,15 @@ from typing import Any
 
 import numpy as np
 from flask.testing import FlaskClient
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from service.engine.policy import PolicyParams
 from service.engine.reachable import reachable_plan
 from service.engine.tree import ClusterTree
 from service.models import (
+    Answer,
+    Assignment,
     Cluster,
     ClusterState,
     GoldItem,
@@ -240,6 +242,18 @@ def campaign_world(
 
 def worker_headers(token: str) -> dict[str, str]:
     return {"X-Worker-Token": token}
+
+
+def stored_answers(db: Session, assignment_public_id: str) -> int:
+    """How many answers the database holds for the assignment (read, then the read ends)."""
+    count = db.scalar(
+        select(func.count())
+        .select_from(Answer)
+        .join(Assignment, Assignment.id == Answer.assignment_id)
+        .where(Assignment.public_id == assignment_public_id)
+    )
+    db.rollback()
+    return count
 
 
 def correct_answers(db: Session, world: World | None, public_ids: list[str]) -> dict[str, bool]:
