@@ -11,7 +11,11 @@ The crowd hot path's choices that these figures back (issue 4):
   (:meth:`service.db.Database.autocommit_connection`, what it does now), and as BEGIN + the
   write + COMMIT sent in one psycopg pipeline;
 * ``read``: BEGIN + one read: pipelined (one round trip) against plain (two);
-* ``set_local``: the cost of ``SET LOCAL plan_cache_mode`` in front of a statement.
+* ``set_local``: the cost of ``SET LOCAL plan_cache_mode`` in front of a statement;
+* ``submit``: a transaction shaped like the fast submission's (lock a row, insert, update,
+  commit, statements sent to the driver) in a request session under ``in_transaction`` (what the
+  hot lane did until session 9), on a connection checked out of the pool under
+  ``in_transaction`` (what it does now), and on a driver connection held outright.
 
 Python CPU is this process's; PostgreSQL CPU is its backend's, from ``/proc`` (Linux). Each
 figure is the median over ``--rounds`` rounds of ``--calls`` calls, the variants interleaved.
@@ -28,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -118,6 +123,7 @@ def database_overhead(rounds: int, calls: int) -> dict[str, dict[str, dict[str, 
         database = Database(url)
         with database.engine.connect() as conn:
             conn.exec_driver_sql("CREATE TABLE t (id serial PRIMARY KEY, v integer)")
+            conn.exec_driver_sql("INSERT INTO t (v) VALUES (0)")  # the row ``submit`` locks
             conn.commit()
         write = "INSERT INTO t (v) VALUES (1) RETURNING id"
         read = "SELECT count(*) FROM t WHERE id < 100"
@@ -192,6 +198,7 @@ def database_overhead(rounds: int, calls: int) -> dict[str, dict[str, dict[str, 
             calls,
             backend_raw,
         )
+        submit = _submit_shaped(database, conn, rounds, calls, backend, backend_raw)
         conn.close()
         database.dispose()
     finally:
@@ -200,7 +207,49 @@ def database_overhead(rounds: int, calls: int) -> dict[str, dict[str, dict[str, 
         "claim": claim,
         "read": {k: rest[k] for k in ("read_pipelined", "read_plain")},
         "set_local": {k: rest[k] for k in ("with_set_local", "without_set_local")},
+        "submit": submit,
     }
+
+
+def _submit_shaped(
+    database: Any, held: Any, rounds: int, calls: int, pooled_backend: int, held_backend: int
+) -> dict[str, dict[str, float]]:
+    """The ``submit`` figures: one transaction shaped like the fast submission's, three ways."""
+    from service.api.work import in_transaction
+
+    statements = (
+        "SELECT id FROM t WHERE id = 1 FOR UPDATE",
+        "INSERT INTO t (v) VALUES (1) RETURNING id",
+        "UPDATE t SET v = v + 1 WHERE id = 1",
+    )
+
+    def work(conn: Any) -> None:
+        for statement in statements:
+            conn.execute(statement, prepare=True, binary=True)
+        conn.commit()
+
+    def session() -> None:
+        with database.session() as owner:
+            in_transaction(lambda s: work(s.connection().connection.driver_connection), owner)
+
+    def pool_connection() -> None:
+        with database.engine.connect() as owner:
+
+            def begun(c: Any) -> None:
+                c.begin()
+                work(c.connection.driver_connection)
+
+            in_transaction(begun, owner)
+
+    def held_driver() -> None:
+        work(held)
+
+    return _interleaved(
+        {"session": session, "pool_connection": pool_connection, "held_driver": held_driver},
+        rounds,
+        calls,
+        {"session": pooled_backend, "pool_connection": pooled_backend, "held_driver": held_backend},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -156,7 +156,8 @@ def test_bench_request_overhead_runs():
     assert set(report["claim"]) == {"autocommit", "held_autocommit", "pipelined_commit"}
     assert set(report["read"]) == {"read_pipelined", "read_plain"}
     assert set(report["set_local"]) == {"with_set_local", "without_set_local"}
-    for part in ("claim", "read", "set_local"):
+    assert set(report["submit"]) == {"session", "pool_connection", "held_driver"}
+    for part in ("claim", "read", "set_local", "submit"):
         for figures in report[part].values():
             assert figures["python_us"] > 0 and figures["postgres_us"] >= 0
 
