@@ -47,8 +47,9 @@ at all. CPU time is read from ``/proc`` per component (PostgreSQL, gunicorn, loa
 the result can be read even on a machine shared with other work (``machine.other_busy_cores``)
 or a virtual machine whose host is busy (``machine.steal_cores``: the time the hypervisor gave
 this machine's CPUs to others while they had work; on this machine it has ranged from none to
-half of both cores within an hour, and CPU per cycle with it): ``cpu_bound_cycles_per_s`` is the rate the measured CPU per cycle would allow on all cores
-(contention from other work inflates CPU time too, so it is a bound, not a promise).
+1.3 of the 2 cores within a day, and CPU per cycle with it). ``cpu_bound_cycles_per_s`` is the
+rate the measured CPU per cycle would allow on all cores (contention from other work inflates CPU
+time too, so it is a bound, not a promise).
 
 ``--request-cpu`` adds the web tier's own account (``web_request_cpu``): gunicorn hooks
 (``scripts/gunicorn_request_cpu.py``) time each request's thread CPU, so the web share of
@@ -732,8 +733,8 @@ def load_and_measure(
 ) -> tuple[LoadResult, dict[str, float], MachineTime]:
     """Run the load process until ``window`` ends (monotonic times); return what it recorded,
     the CPU seconds each server (root pid, with its descendants) and the load process spent
-    inside the window, and the whole machine's busy and steal seconds there. ``at_start`` runs just
-    before the window opens (e.g. to reset PostgreSQL's statement statistics)."""
+    inside the window, and the whole machine's busy and steal seconds there. ``at_start`` runs
+    just before the window opens (e.g. to reset PostgreSQL's statement statistics)."""
     queue: mp.Queue = mp.get_context("fork").Queue()
     loader = mp.get_context("fork").Process(
         target=run_load, args=(port, tokens, window[1], queue), daemon=True
