@@ -216,6 +216,8 @@ def _submit_shaped(
 ) -> dict[str, dict[str, float]]:
     """The ``submit`` figures: one transaction shaped like the fast submission's, three ways."""
     from service.api.work import in_transaction
+    from service.crowd.fastpath import _transaction_connection  # the lane's own begin
+    from service.crowd.hits import driver_connection
 
     statements = (
         "SELECT id FROM t WHERE id = 1 FOR UPDATE",
@@ -230,16 +232,13 @@ def _submit_shaped(
 
     def session() -> None:
         with database.session() as owner:
-            in_transaction(lambda s: work(s.connection().connection.driver_connection), owner)
+            in_transaction(lambda s: work(driver_connection(s)), owner)
 
     def pool_connection() -> None:
         with database.engine.connect() as owner:
-
-            def begun(c: Any) -> None:
-                c.begin()
-                work(c.connection.driver_connection)
-
-            in_transaction(begun, owner)
+            in_transaction(
+                lambda c: work(_transaction_connection(c).connection.driver_connection), owner
+            )
 
     def held_driver() -> None:
         work(held)
