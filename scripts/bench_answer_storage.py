@@ -2,11 +2,13 @@
 
     python scripts/bench_answer_storage.py --json
 
-Groundwork for the crowd hot path (issue 4): today a submission inserts one ``answers`` row per
-question (55 per HIT) and closes the HIT's 55 ``questions`` rows. This measures, on a throwaway
-PostgreSQL with the real schema (migrated), in one session with prepared statements, the median
-time of that against inserting the same answers as one row of arrays, each followed by its commit.
-Wall time on loopback, so it includes one round trip per statement; run on a quiet machine.
+Groundwork for the crowd hot path (issue 4): until migration 0005 a submission inserted one
+``answers`` row per question (55 per HIT) and closed the HIT's 55 ``questions`` rows. This
+measures, on a throwaway PostgreSQL with the real schema (migrated) plus a table of answer rows
+shaped as ``answers`` was before 0005 (``answer_rows``), in one session with prepared statements,
+the median time of that against inserting the same answers as one row of arrays, each followed by
+its commit. Wall time on loopback, so it includes one round trip per statement; run on a quiet
+machine. (The service now appends the arrays to the assignment row it updates anyway.)
 """
 
 from __future__ import annotations
@@ -33,8 +35,28 @@ FROM unnest(string_to_array(%(ids)s, ',')) WITH ORDINALITY AS t(p, i)
 RETURNING id
 """
 
+# ``answers`` as migration 0004 left it, HIT answers only.
+_ANSWER_ROWS = [
+    """
+CREATE TABLE answer_rows (
+    id serial PRIMARY KEY,
+    question_id integer NOT NULL,
+    assignment_id integer,
+    worker_id integer NOT NULL,
+    value boolean NOT NULL,
+    ms integer NOT NULL CHECK (ms >= 0),
+    discarded boolean NOT NULL,
+    discard_reason text CHECK (NOT discarded OR discard_reason IS NOT NULL),
+    created_at timestamptz NOT NULL DEFAULT now()
+)
+""",
+    "CREATE UNIQUE INDEX ON answer_rows (assignment_id, question_id) "
+    "WHERE assignment_id IS NOT NULL",
+    "CREATE INDEX ON answer_rows (question_id)",
+]
+
 _AS_ROWS = """
-INSERT INTO answers (question_id, assignment_id, worker_id, value, ms, discarded)
+INSERT INTO answer_rows (question_id, assignment_id, worker_id, value, ms, discarded)
 SELECT q, %(assignment)s, 1, v, m, false
 FROM unnest(string_to_array(%(qids)s, ',')::integer[], string_to_array(%(vals)s, ',')::boolean[],
     string_to_array(%(ms)s, ',')::integer[]) AS t(q, v, m)
@@ -80,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         migrate.upgrade(server.create_database("bench"))
         with psycopg.connect(server.dsn("bench")) as conn:
-            conn.execute(_ANSWER_SETS)
+            for statement in [*_ANSWER_ROWS, _ANSWER_SETS]:
+                conn.execute(statement)
             conn.commit()
             timings: dict[str, list[float]] = {"rows": [], "arrays": []}
             for hit in range(1, args.hits + 1):

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_service import seed_project, tree_cpu  # noqa: E402
 
-HOT_TABLES = ("questions", "answers", "hits", "assignments", "clusters", "workers", "campaigns")
+HOT_TABLES = ("questions", "hits", "assignments", "clusters", "workers", "campaigns")
 CLUSTERS = 20_000
 QUESTIONS_PER_HIT = 50
 GOLD_PER_HIT = 5

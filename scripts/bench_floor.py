@@ -22,8 +22,9 @@ same kind of throwaway PostgreSQL. A cycle is:
   (:func:`service.crowd.hits.encode_payload`, random public ids);
 * **submit**: the JSON answers are parsed, stored and their HIT closed in one transaction.
 
-``--storage rows`` stores one row per answer, keyed by (HIT, question), as the service stores
-answers (it adds an id and two more indexes); ``arrays`` stores a submission as one row of arrays.
+``--storage rows`` stores one row per answer, keyed by (HIT, question), as the service stored
+answers until migration 0005 (with an id and two more indexes); ``arrays`` stores a submission as
+one row of arrays (the service appends them to the assignment row, which it updates anyway).
 Both are idempotent (``ON CONFLICT DO NOTHING``). Left out, deliberately: building HITs, gold,
 quality control, cluster counts, decisions, money and the worker's token. After each run every
 acknowledged answer is counted back from the database, and no question may have been served twice.

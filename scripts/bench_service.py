@@ -769,12 +769,15 @@ def check_database(database_url: str, campaign_id: int, tree_id: int) -> dict[st
                     text(
                         """
                     SELECT
-                      (SELECT count(*) FROM answers a JOIN questions q ON q.id = a.question_id
-                        JOIN hits h ON h.id = q.hit_id WHERE h.campaign_id = :c) AS answers,
+                      (SELECT coalesce(sum(cardinality(s.answer_question_ids)), 0)
+                        FROM assignments s JOIN hits h ON h.id = s.hit_id
+                        WHERE h.campaign_id = :c) AS answers,
                       (SELECT count(*) FROM (
-                         SELECT a.question_id FROM answers a JOIN assignments s
-                           ON s.id = a.assignment_id JOIN hits h ON h.id = s.hit_id
-                         WHERE NOT a.discarded GROUP BY a.question_id, h.max_assignments
+                         SELECT t.q FROM assignments s JOIN hits h ON h.id = s.hit_id
+                           CROSS JOIN LATERAL unnest(s.answer_question_ids,
+                                                     s.answer_discard_reasons) AS t(q, r)
+                         WHERE h.campaign_id = :c AND t.r IS NULL
+                         GROUP BY t.q, h.max_assignments
                          HAVING count(*) > h.max_assignments) d) AS answers_over_quota,
                       (SELECT count(*) FROM (
                          SELECT s.hit_id FROM assignments s JOIN hits h ON h.id = s.hit_id
@@ -802,11 +805,13 @@ def check_database(database_url: str, campaign_id: int, tree_id: int) -> dict[st
                     """
                     SELECT count(*) FROM clusters c LEFT JOIN (
                         SELECT q.cluster_id,
-                               count(*) FILTER (WHERE a.value) AS yes,
-                               count(*) FILTER (WHERE NOT a.value) AS no
-                        FROM questions q JOIN answers a
-                          ON a.question_id = q.id AND NOT a.discarded
-                        WHERE q.tree_id = :t AND q.status = 'answered'
+                               count(*) FILTER (WHERE a.v) AS yes,
+                               count(*) FILTER (WHERE NOT a.v) AS no
+                        FROM assignments s
+                        CROSS JOIN LATERAL unnest(s.answer_question_ids, s.answer_values,
+                                                  s.answer_discard_reasons) AS a(q, v, r)
+                        JOIN questions q ON q.id = a.q
+                        WHERE q.tree_id = :t AND q.status = 'answered' AND a.r IS NULL
                         GROUP BY q.cluster_id) x ON x.cluster_id = c.id
                     WHERE c.tree_id = :t
                       AND (c.yes_count <> coalesce(x.yes, 0) OR c.no_count <> coalesce(x.no, 0))

@@ -7,11 +7,12 @@ overspent campaign are refused by PostgreSQL (and SQLite) themselves.
 
 Money is stored as integer micro-dollars (1e-6 USD) so sums are exact on every backend.
 
-The crowd tables (``hits``, ``assignments``, ``questions``, ``answers``) take a few hundred row writes
-per second per core, so every index and foreign key on them is there for a query or a cascade that
-needs it: keys derivable through another row (an answer's worker through its assignment, a sample
-question's tree through its cluster) are not enforced twice, uniques on nullable columns are partial,
-and random public ids compare bytewise (``COLLATE "C"`` on PostgreSQL; they are opaque tokens).
+The crowd tables (``hits``, ``assignments``, ``questions``) take a few hundred row writes per second
+per core, so every index and foreign key on them is there for a query or a cascade that needs it:
+keys derivable through another row (a sample question's tree through its cluster) are not enforced
+twice, uniques on nullable columns are partial, a HIT's answers are arrays of its assignment row
+(not a row each), and random public ids compare bytewise (``COLLATE "C"`` on PostgreSQL; they are
+opaque tokens).
 Enums are stored as short strings guarded by CHECK constraints (portable, and cheap to extend with a
 migration).
 """
@@ -23,6 +24,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import (
+    ARRAY,
     JSON,
     BigInteger,
     Boolean,
@@ -65,6 +67,11 @@ class Base(DeclarativeBase):
 #: Random URL-safe tokens (``secrets.token_urlsafe``): bytewise comparison is their natural order and
 #: several times cheaper in a PostgreSQL btree than a linguistic collation.
 PublicId = String(64).with_variant(String(64, collation="C"), "postgresql")
+
+
+def _array(item: type[Integer | Boolean | Text]) -> ARRAY:
+    """A PostgreSQL array, a JSON list on SQLite: a list in Python either way."""
+    return ARRAY(item).with_variant(JSON(none_as_null=True), "sqlite")
 
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
@@ -516,6 +523,17 @@ class Assignment(TimestampMixin, Base):
     gold_correct: Mapped[int] = mapped_column(Integer, default=0)
     gold_total: Mapped[int] = mapped_column(Integer, default=0)
     decision_reason: Mapped[str | None] = mapped_column(Text)
+    #: The assignment's answers (migration 0005), as parallel arrays in the order they were
+    #: stored: the question (``questions.id``), the worker's yes/no, the time it took. ``NULL``
+    #: until the first answer. One row written per submission instead of one per answer: storing
+    #: a HIT's 55 answers as rows (three indexes each) cost a fifth of the CPU of a whole HIT
+    #: cycle (``scripts/bench_compare.py``, issue 4). The row is locked by every writer, so an
+    #: answer is stored at most once without a unique index.
+    answer_question_ids: Mapped[list[int] | None] = mapped_column(_array(Integer))
+    answer_values: Mapped[list[bool] | None] = mapped_column(_array(Boolean))
+    answer_ms: Mapped[list[int] | None] = mapped_column(_array(Integer))
+    #: Why each answer was discarded (``NULL`` entries: still valid); ``NULL`` while none is.
+    answer_discard_reasons: Mapped[list[str | None] | None] = mapped_column(_array(Text))
 
     __table_args__ = (
         UniqueConstraint("hit_id", "worker_id"),
@@ -601,54 +619,33 @@ class Question(TimestampMixin, Base):
 
 
 class Answer(TimestampMixin, Base):
-    """A worker's yes/no. Unique per (assignment, question): re-submitting cannot count twice.
+    """A worker's yes/no to a qualification question. Unique per (attempt, question): grading
+    cannot count an answer twice. (A HIT's answers are arrays of its assignment, migration 0005.)
 
-    ``worker_id`` is the worker of the answer's assignment or qualification attempt, copied for
-    reading. ``assignment_id`` and ``question_id`` carry no foreign key (migration 0002): a
-    HIT's answers are inserted by the statement that holds its assignment locked, all with that
-    one id, for questions the same transaction has just read from that assignment's HIT (a per-row
-    key check would re-read and share-lock 55 parent rows per HIT); HITs, their questions and
-    their assignments are never deleted. The two uniques are partial
-    (an answer has exactly one parent), so a HIT answer enters one of them, not both.
+    ``worker_id`` is the attempt's worker, copied for reading. ``question_id`` carries no foreign
+    key (migration 0002): answers are inserted for the questions their attempt was given, which
+    are never deleted.
     """
 
     __tablename__ = "answers"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     question_id: Mapped[int] = mapped_column(Integer)
-    assignment_id: Mapped[int | None] = mapped_column(Integer)
-    qualification_attempt_id: Mapped[int | None] = mapped_column(
+    qualification_attempt_id: Mapped[int] = mapped_column(
         ForeignKey("qualification_attempts.id", ondelete="CASCADE")
     )
     worker_id: Mapped[int] = mapped_column(Integer)
     value: Mapped[bool] = mapped_column(Boolean)
     ms: Mapped[int] = mapped_column(Integer)
-    discarded: Mapped[bool] = mapped_column(Boolean, default=False)
-    discard_reason: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
-        Index(
-            "uq_answers_assignment_id_question_id",
-            "assignment_id",
-            "question_id",
-            unique=True,
-            postgresql_where=text("assignment_id IS NOT NULL"),
-            sqlite_where=text("assignment_id IS NOT NULL"),
-        ),
         Index(
             "uq_answers_qualification_attempt_id_question_id",
             "qualification_attempt_id",
             "question_id",
             unique=True,
-            postgresql_where=text("qualification_attempt_id IS NOT NULL"),
-            sqlite_where=text("qualification_attempt_id IS NOT NULL"),
-        ),
-        CheckConstraint(
-            "(assignment_id IS NULL) <> (qualification_attempt_id IS NULL)",
-            name="one_parent",
         ),
         CheckConstraint("ms >= 0", name="ms_non_negative"),
-        CheckConstraint("NOT discarded OR discard_reason IS NOT NULL", name="discard_has_reason"),
         Index(None, "question_id"),
     )
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.auth import create_api_key
+from service.crowd import answers as stored_answers
+from service.models import Assignment
 
 
 def new_key(session: Session, name: str = "test") -> tuple[int, dict[str, str]]:
@@ -12,3 +17,33 @@ def new_key(session: Session, name: str = "test") -> tuple[int, dict[str, str]]:
     key, plaintext = create_api_key(session, name)
     session.commit()
     return key.id, {"Authorization": f"Bearer {plaintext}"}
+
+
+class HitAnswer(NamedTuple):
+    """One stored answer to a HIT question, as a row (the database keeps them as arrays of the
+    assignment, :mod:`service.crowd.answers`)."""
+
+    assignment_id: int
+    worker_id: int
+    question_id: int
+    value: bool
+    ms: int
+    discard_reason: str | None
+
+    @property
+    def discarded(self) -> bool:
+        return self.discard_reason is not None
+
+
+def hit_answers(session: Session, *conditions: Any) -> list[HitAnswer]:
+    """Every stored HIT answer of the assignments matching ``conditions`` (all if none)."""
+    rows = session.execute(
+        select(Assignment.id, Assignment.worker_id, *stored_answers.COLUMNS)
+        .where(*conditions)
+        .order_by(Assignment.id)
+    ).all()
+    return [
+        HitAnswer(int(row[0]), int(row[1]), *answer)
+        for row in rows
+        for answer in stored_answers.AnswerSet.of(row[2:])
+    ]

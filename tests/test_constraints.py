@@ -22,6 +22,7 @@ from service.models import (
     Image,
     Project,
     ProjectClass,
+    QualificationAttempt,
     Question,
     QuestionKind,
     Round,
@@ -156,11 +157,15 @@ def test_overspend_rejected(session, world):
     session.rollback()
 
 
-def test_duplicate_answer_rejected(session, world):
+def test_duplicate_qualification_answer_rejected(session, world):
+    attempt = QualificationAttempt(worker_id=world["worker"].id)
+    session.add(attempt)
+    session.flush()
+
     def answer():
         return Answer(
             question_id=world["question"].id,
-            assignment_id=world["assignment"].id,
+            qualification_attempt_id=attempt.id,
             worker_id=world["worker"].id,
             value=True,
             ms=900,

@@ -6,8 +6,8 @@ with a random id and the same URL scheme, in shuffled order, and answers are ack
 counts only.
 
 Each write runs in one transaction, retried a few times if PostgreSQL aborts it for a deadlock or a
-serialization failure (safe: every write here is idempotent -- answers are ``ON CONFLICT DO NOTHING``
-and a claim resumes the worker's open assignment).
+serialization failure (safe: every write here is idempotent -- an answer already stored on its
+assignment is acknowledged as a duplicate, and a claim resumes the worker's open assignment).
 
 On PostgreSQL, claiming and answering first try :mod:`service.crowd.fastpath` (a few static
 statements per request); whatever it does not serve runs through the portable code below, which

@@ -27,12 +27,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, and_, bindparam, select, update
+from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.orm import Session
 
+from service.crowd import answers as stored_answers
 from service.engine.policy import Action, PolicyParams, auto_action, decide
 from service.models import (
-    Answer,
     Cluster,
     ClusterState,
     GoldItem,
@@ -64,7 +64,6 @@ __all__ = [
 
 _CL = Cluster.__table__
 _Q = Question.__table__
-_A = Answer.__table__
 _G = GoldItem.__table__
 
 #: Where each policy action leaves a cluster.
@@ -223,7 +222,6 @@ def _ds_m_step(
 
 @dataclass(frozen=True)
 class Vote:
-    answer_id: int
     worker_id: int
     value: bool
     assignment_id: int
@@ -238,41 +236,31 @@ class QuestionVotes:
     votes: list[Vote]
 
 
-_HIT_VOTES = (
-    select(
-        _Q.c.id,
-        _Q.c.kind,
-        _Q.c.cluster_id,
-        _G.c.expected,
-        _A.c.id,
-        _A.c.worker_id,
-        _A.c.value,
-        _A.c.assignment_id,
-        _A.c.ms,
-    )
-    .select_from(
-        _Q.outerjoin(_A, and_(_A.c.question_id == _Q.c.id, _A.c.discarded.is_(False))).outerjoin(
-            _G, _G.c.id == _Q.c.gold_item_id
-        )
-    )
+_HIT_QUESTIONS = (
+    select(_Q.c.id, _Q.c.kind, _Q.c.cluster_id, _G.c.expected)
+    .select_from(_Q.outerjoin(_G, _G.c.id == _Q.c.gold_item_id))
     .where(_Q.c.hit_id == bindparam("hid"), _Q.c.status == QuestionStatus.OPEN)
 )
 
 
 def hit_votes(session: Session, hit_id: int) -> dict[int, QuestionVotes]:
-    """The still-open questions of a HIT with their valid (non-discarded) answers, one query.
+    """The still-open questions of a HIT with their valid (non-discarded) answers, from every
+    assignment of the HIT.
 
-    Quality control reads its per-assignment gold score and speed from the same rows, so a HIT's
+    Quality control reads its per-assignment gold score and speed from the same votes, so a HIT's
     completion costs one read of its answers.
     """
-    rows = session.execute(_HIT_VOTES, {"hid": hit_id}).all()
-    out: dict[int, QuestionVotes] = {}
-    for qid, kind, cluster_id, expected, aid, worker_id, value, assignment_id, ms in rows:
-        entry = out.get(qid)
-        if entry is None:
-            entry = out[qid] = QuestionVotes(cluster_id, QuestionKind(kind), expected, [])
-        if aid is not None:
-            entry.votes.append(Vote(aid, worker_id, bool(value), assignment_id, ms))
+    out = {
+        int(qid): QuestionVotes(cluster_id, QuestionKind(kind), expected, [])
+        for qid, kind, cluster_id, expected in session.execute(_HIT_QUESTIONS, {"hid": hit_id})
+    }
+    for assignment in stored_answers.of_hits(session, [hit_id]):
+        for answer in assignment.answers.valid():
+            entry = out.get(answer.question_id)
+            if entry is not None:
+                entry.votes.append(
+                    Vote(assignment.worker_id, answer.value, assignment.assignment_id, answer.ms)
+                )
     return out
 
 
@@ -312,7 +300,7 @@ def aggregate_hit(
     labels = _labels(votes, method)
     answered: list[int] = [q for q, v in votes.items() if v.kind is not QuestionKind.SAMPLE]
     dropped: list[int] = []
-    outvoted: list[int] = []
+    outvoted: dict[int, set[int]] = defaultdict(set)  # assignment -> its losing questions
     deltas: Counts = {}
     for qid, label in labels.items():
         entry = votes[qid]
@@ -320,10 +308,13 @@ def aggregate_hit(
         yes, no, closed = deltas.get(cid, (0, 0, 0))
         if label is None:
             dropped.append(qid)
-            outvoted.extend(x.answer_id for x in entry.votes)
+            for x in entry.votes:
+                outvoted[x.assignment_id].add(qid)
         else:
             answered.append(qid)
-            outvoted.extend(x.answer_id for x in entry.votes if x.value != label)
+            for x in entry.votes:
+                if x.value != label:
+                    outvoted[x.assignment_id].add(qid)
             yes, no = (yes + 1, no) if label else (yes, no + 1)
         deltas[cid] = (yes, no, closed + 1)
     _set_status(session, answered, QuestionStatus.ANSWERED)
@@ -345,13 +336,13 @@ def _set_status(session: Session, question_ids: list[int], status: QuestionStatu
         session.execute(_SET_STATUS, {"ids": question_ids, "new_status": status.value})
 
 
-def discard_answers(session: Session, answer_ids: Sequence[int], reason: str) -> None:
-    if answer_ids:
-        session.execute(
-            update(_A)
-            .where(_A.c.id.in_(list(answer_ids)), _A.c.discarded.is_(False))
-            .values(discarded=True, discard_reason=reason)
-        )
+def discard_answers(
+    session: Session, selection: Mapping[int, Iterable[int] | None], reason: str
+) -> None:
+    """Discard the valid answers of each assignment to the questions given (``None``: all)."""
+    if selection:
+        chosen = {a: None if q is None else set(q) for a, q in selection.items()}
+        stored_answers.discard(session, chosen, reason)
 
 
 # -------------------------------------------------------------------------------- settling
@@ -462,26 +453,29 @@ def ancestors(session: Session | Connection, cluster_ids: Sequence[int]) -> dict
     return dict(out)
 
 
-_ANSWERED_SAMPLES = (
-    select(_Q.c.leaf_pos, _A.c.value)
-    .join(_A, _A.c.question_id == _Q.c.id)
-    .where(
-        _Q.c.cluster_id.in_(bindparam("ids", expanding=True)),
-        _Q.c.status == QuestionStatus.ANSWERED,
-        _Q.c.kind == QuestionKind.SAMPLE,
-        _A.c.discarded.is_(False),
-        _Q.c.leaf_pos >= bindparam("lo"),
-        _Q.c.leaf_pos < bindparam("hi"),
-    )
+_ANSWERED_SAMPLES = select(_Q.c.id, _Q.c.leaf_pos, _Q.c.hit_id).where(
+    _Q.c.cluster_id.in_(bindparam("ids", expanding=True)),
+    _Q.c.status == QuestionStatus.ANSWERED,
+    _Q.c.kind == QuestionKind.SAMPLE,
+    _Q.c.leaf_pos >= bindparam("lo"),
+    _Q.c.leaf_pos < bindparam("hi"),
 )
 
 
 def _known_answers(session: Session | Connection, parent: ClusterRow) -> list[tuple[int, bool]]:
     """``(leaf_pos, label)`` of every answered sample question of ``parent`` and its ancestors
-    inside ``parent``'s range: what its children may inherit."""
+    inside ``parent``'s range: what its children may inherit. An answered question's valid
+    answers all carry its label (the module docstring's counting rule)."""
     ids = [parent.id, *ancestors(session, [parent.id]).get(parent.id, [])]
     rows = session.execute(_ANSWERED_SAMPLES, {"ids": ids, "lo": parent.lo, "hi": parent.hi}).all()
-    return list({int(pos): bool(value) for pos, value in rows}.items())
+    position = {int(qid): int(pos) for qid, pos, _ in rows}
+    labels: dict[int, bool] = {}
+    for assignment in stored_answers.of_hits(session, {int(hit) for _, _, hit in rows}):
+        for answer in assignment.answers.valid():
+            pos = position.get(answer.question_id)
+            if pos is not None:
+                labels[pos] = answer.value
+    return list(labels.items())
 
 
 def _children(

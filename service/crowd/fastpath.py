@@ -113,7 +113,7 @@ ok AS (
     WHERE qualified AND NOT blocked AND project_id IS NOT NULL
 ),
 mine AS (
-    SELECT a.id, a.public_id, a.hit_id, a.lease_expires_at
+    SELECT a.id, a.public_id, a.hit_id, a.lease_expires_at, a.answer_question_ids
     FROM assignments a JOIN ok ON a.worker_id = ok.id
     WHERE a.status = 'claimed'
     ORDER BY a.id LIMIT 1
@@ -161,8 +161,8 @@ SELECT w.id, w.project_id, w.backend, w.qualified, w.blocked, w.blocked_reason,
     mine.lease_expires_at,
     (SELECT payload FROM hits WHERE id = mine.hit_id),
     (SELECT coalesce(array_agg(q.public_id ORDER BY q.position), '{}')
-     FROM answers x JOIN questions q ON q.id = x.question_id
-     WHERE x.assignment_id = mine.id),
+     FROM questions q
+     WHERE q.hit_id = mine.hit_id AND q.id = ANY(mine.answer_question_ids)),
     (SELECT lease_expires_at FROM taken),
     (SELECT payload FROM hits WHERE id = (SELECT id FROM pick)),
     (SELECT campaign_id FROM pick),
@@ -242,20 +242,20 @@ def _utc(moment: datetime) -> datetime:
 
 # ------------------------------------------------------------------------------------ submit
 
-# One statement: lock the assignment (``NOWAIT``) and read its HIT's questions,
-# as arrays in the same row (one row of a few arrays converts faster than 55 rows). The lock is
-# taken in a CTE, which PostgreSQL materialises, so the questions are read only for a row this
-# transaction holds. They are read with the statement's snapshot, which may predate a
-# concurrent submission that committed just before the lock was granted: its answers then look
-# missing here, the insert below stores fewer rows than it was given (``ON CONFLICT DO NOTHING``)
-# and the submission falls back to the portable code, which reads again under the lock.
+# One statement: lock the assignment (``NOWAIT``) with its answers (:mod:`service.crowd.answers`)
+# and read its HIT's questions, as arrays in the same row (one row of a few arrays converts faster
+# than 55 rows). The lock is taken in a CTE, which PostgreSQL materialises, so the questions are
+# read only for a row this transaction holds. The locked row is its newest version, even if a
+# concurrent submission committed after this statement's snapshot was taken, so the answers read
+# are all the answers stored: the submission appends exactly those it does not find.
 _LOCK_AND_READ = """
 WITH a AS (
     SELECT a.id, a.hit_id, a.status, a.lease_expires_at, h.max_assignments,
         w.id AS worker_id, w.gold_correct, w.gold_total, w.blocked,
         c.id AS campaign_id, c.project_id, c.round_id, c.backend, c.status AS campaign_status,
         c.reward_per_hit_micros, c.questions_per_hit, c.gold_per_hit, c.assignments_per_hit,
-        c.params::text AS crowd_params, p.params::text AS policy_params
+        c.params::text AS crowd_params, p.params::text AS policy_params,
+        a.answer_question_ids, a.answer_values, a.answer_ms
     FROM assignments a
     JOIN workers w ON w.id = a.worker_id
     JOIN hits h ON h.id = a.hit_id
@@ -269,47 +269,38 @@ SELECT a.id, a.hit_id, a.status, a.lease_expires_at, a.max_assignments,
     a.campaign_id, a.project_id, a.round_id, a.backend, a.campaign_status,
     a.reward_per_hit_micros, a.questions_per_hit, a.gold_per_hit, a.assignments_per_hit,
     a.crowd_params, a.policy_params,
-    q.ids, q.public_ids, q.kinds, q.statuses, q.cluster_ids, q.expected,
-    q.answer_ids, q.answer_values, q.answer_ms
+    a.answer_question_ids, a.answer_values, a.answer_ms,
+    q.ids, q.public_ids, q.kinds, q.statuses, q.cluster_ids, q.expected
 FROM a, LATERAL (
     SELECT array_agg(q.id) AS ids, array_agg(q.public_id) AS public_ids,
         array_agg(q.kind) AS kinds, array_agg(q.status) AS statuses,
-        array_agg(q.cluster_id) AS cluster_ids, array_agg(g.expected) AS expected,
-        array_agg(x.id) AS answer_ids, array_agg(x.value) AS answer_values,
-        array_agg(x.ms) AS answer_ms
+        array_agg(q.cluster_id) AS cluster_ids, array_agg(g.expected) AS expected
     FROM questions q
     LEFT JOIN gold_items g ON g.id = q.gold_item_id
-    LEFT JOIN answers x ON x.question_id = q.id AND x.assignment_id = a.id
     WHERE q.hit_id = a.hit_id
 ) q
 """
 
 
-_INSERT_ANSWERS = """
-INSERT INTO answers (question_id, assignment_id, worker_id, value, ms, discarded)
-SELECT q, %(assignment_id)s::integer, %(worker_id)s::integer, v, m, false
-FROM unnest(string_to_array(%(qids)s, ',')::integer[],
-    string_to_array(%(vals)s, ',')::boolean[], string_to_array(%(ms)s, ',')::integer[]) AS t(q, v, m)
-ON CONFLICT (assignment_id, question_id) WHERE assignment_id IS NOT NULL DO NOTHING
+# The new answers, appended to the assignment's arrays (the row is locked by ``_LOCK_AND_READ``
+# and nothing in ``qids`` is stored yet).
+_APPEND = """
+    answer_question_ids = coalesce(answer_question_ids, '{}')
+        || string_to_array(%(qids)s, ',')::integer[],
+    answer_values = coalesce(answer_values, '{}') || string_to_array(%(vals)s, ',')::boolean[],
+    answer_ms = coalesce(answer_ms, '{}') || string_to_array(%(ms)s, ',')::integer[]
 """
+_APPEND_ANSWERS = f"UPDATE assignments SET {_APPEND} WHERE id = %(assignment_id)s::integer"
 
 # Statement order follows the lock order every writer uses (assignment -- already locked --, HIT,
 # worker, clusters in id order; the campaign comes in the next statement): each data-modifying
 # CTE depends on the previous one, so PostgreSQL runs them in that order.
-_COMPLETE = """
-WITH ins AS (
-    INSERT INTO answers (question_id, assignment_id, worker_id, value, ms, discarded)
-    SELECT q, %(assignment_id)s::integer, %(worker_id)s::integer, v, m, false
-    FROM unnest(string_to_array(%(qids)s, ',')::integer[],
-    string_to_array(%(vals)s, ',')::boolean[], string_to_array(%(ms)s, ',')::integer[]) AS t(q, v, m)
-    ON CONFLICT (assignment_id, question_id) WHERE assignment_id IS NOT NULL DO NOTHING
-    RETURNING 1
-),
-judged AS (
+_COMPLETE = f"""
+WITH judged AS (
     UPDATE assignments
     SET status = 'approved', submitted_at = %(now)s, gold_correct = %(gold_correct)s::integer,
-        gold_total = %(gold_total)s::integer, decision_reason = %(reason)s
-    WHERE id = %(assignment_id)s::integer AND (SELECT count(*) FROM ins) >= 0
+        gold_total = %(gold_total)s::integer, decision_reason = %(reason)s, {_APPEND}
+    WHERE id = %(assignment_id)s::integer
     RETURNING id
 ),
 done AS (
@@ -350,7 +341,7 @@ counted AS (
     RETURNING c.id, c.tree_id, c.parent_id, c.lo, c.hi, c.size, c.score, c.state,
         c.yes_count, c.no_count, c.open_questions
 )
-SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM closed),
+SELECT (SELECT count(*) FROM closed),
     (SELECT gold_correct FROM scored), (SELECT gold_total FROM scored),
     (SELECT json_agg(json_build_array(id, tree_id, parent_id, lo, hi, size, score, state,
                                       yes_count, no_count, open_questions))
@@ -427,7 +418,7 @@ class _Question(NamedTuple):
     open: bool
     cluster_id: int | None
     expected: bool | None
-    answer: tuple[int, bool, int] | None  # (answer id, value, ms) already stored
+    answer: tuple[bool, int] | None  # (value, ms) already stored
 
 
 def submit(
@@ -466,16 +457,15 @@ def submit(
     worker_id, worker_correct, worker_total, worker_blocked = head[5:9]
     status = AssignmentStatus(status)
     refuse_lapsed_lease(status, lease, now)
+    given_ids, given_values, given_ms = head[20:23]
+    given = {}
+    if given_ids is not None:
+        given = dict(zip(given_ids, zip(given_values, given_ms, strict=True), strict=True))
     questions: dict[str, _Question] = {}
-    columns = (column or () for column in head[20:])  # NULL arrays: a HIT without questions
-    for qid, pid, kind, qstatus, cluster_id, expected, aid, value, ms in zip(*columns, strict=True):
+    columns = (column or () for column in head[23:])  # NULL arrays: a HIT without questions
+    for qid, pid, kind, qstatus, cluster_id, expected in zip(*columns, strict=True):
         questions[pid] = _Question(
-            qid,
-            _KINDS[kind],
-            qstatus == _OPEN,
-            cluster_id,
-            expected,
-            None if aid is None else (aid, value, ms),
+            qid, _KINDS[kind], qstatus == _OPEN, cluster_id, expected, given.get(qid)
         )
     refuse_unknown_questions(answers, questions)
     if status is not AssignmentStatus.CLAIMED:
@@ -484,8 +474,7 @@ def submit(
     for pid, value, ms in answers:
         if questions[pid].answer is None and pid not in new:
             new[pid] = (value, ms)
-    answered = sum(1 for q in questions.values() if q.answer is not None)
-    complete = answered + len(new) >= len(questions)
+    complete = len(given) + len(new) >= len(questions)
     rows = {
         "assignment_id": assignment_id,
         "worker_id": worker_id,
@@ -496,10 +485,9 @@ def submit(
         "ms": ",".join(str(m) for _, m in new.values()),
     }
     if not complete:
-        stored = _run(conn, _INSERT_ANSWERS, rows).rowcount if new else 0
-        if stored != len(new):
-            raise Fallback("answers were stored concurrently")
-        return SubmitResult(stored, len(answers) - stored, False, assignment_id, hit_id, False)
+        if new:
+            _run(conn, _APPEND_ANSWERS, rows)
+        return SubmitResult(len(new), len(answers) - len(new), False, assignment_id, hit_id, False)
     campaign = _campaign(head[9:20])
     stats = _stats(questions, new)
     approved, reason = judge(stats, campaign.crowd)
@@ -537,7 +525,7 @@ def _stats(questions: dict[str, _Question], new: dict[str, tuple[bool, int]]) ->
     count = total_ms = gold_total = gold_correct = 0
     for pid, q in questions.items():
         if q.answer is not None:
-            value, ms = q.answer[1], q.answer[2]
+            value, ms = q.answer
         elif pid in new:
             value, ms = new[pid]
         else:
@@ -568,7 +556,7 @@ def _complete(
     for pid, q in questions.items():
         if not q.open or q.kind is not QuestionKind.SAMPLE:
             continue
-        value = q.answer[1] if q.answer is not None else new[pid][0]
+        value = q.answer[0] if q.answer is not None else new[pid][0]
         delta = deltas.setdefault(int(q.cluster_id), [0, 0, 0])
         delta[0 if value else 1] += 1
         delta[2] += 1
@@ -585,8 +573,8 @@ def _complete(
         dn=_joined(deltas[c][1] for c in cids),
         dc=_joined(deltas[c][2] for c in cids),
     )
-    inserted, _, _, worker_total, counted, _ = _run(conn, _COMPLETE, params).fetchone()
-    if inserted != len(new) or worker_total is None:
+    _, _, worker_total, counted, _ = _run(conn, _COMPLETE, params).fetchone()
+    if worker_total is None:
         raise Fallback("the assignment changed under the submission")
     changed, splits = _decide(counted or [], campaign.policy)
     if splits:
@@ -644,9 +632,8 @@ def _complete_portably(
     assignment (rejection, blocking, redundancy) in the same transaction."""
     from service.crowd.quality import finalize_assignment
 
-    stored = dict(_run(conn, _INSERT_ANSWERS + " RETURNING question_id, id", rows).fetchall())
-    if len(stored) != len(new):
-        raise Fallback("answers were stored concurrently")
+    if new:
+        _run(conn, _APPEND_ANSWERS, rows)
     assignment_id, worker_id = rows["assignment_id"], rows["worker_id"]
     votes: dict[int, QuestionVotes] = {}
     for pid, q in questions.items():
@@ -654,14 +641,14 @@ def _complete_portably(
             continue
         entry = votes[q.id] = QuestionVotes(q.cluster_id, q.kind, q.expected, [])
         if q.answer is not None:
-            answer_id, value, ms = q.answer
-            entry.votes.append(Vote(answer_id, worker_id, bool(value), assignment_id, ms))
+            value, ms = q.answer
+            entry.votes.append(Vote(worker_id, bool(value), assignment_id, ms))
         elif pid in new:
             value, ms = new[pid]
-            entry.votes.append(Vote(stored[q.id], worker_id, value, assignment_id, ms))
+            entry.votes.append(Vote(worker_id, value, assignment_id, ms))
     with _session_on(owner) as session:
         finalize_assignment(session, assignment_id, hit_id, worker_id, votes=votes, now=now)
-    return SubmitResult(len(stored), len(answers) - len(stored), True, assignment_id, hit_id, True)
+    return SubmitResult(len(new), len(answers) - len(new), True, assignment_id, hit_id, True)
 
 
 @contextmanager

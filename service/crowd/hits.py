@@ -23,8 +23,9 @@ LIMIT 1``, so two workers never receive the same HIT slot; a claim is an assignm
 Expired leases hand their HIT back: swept on every claim, and by :func:`sweep`, which a periodic
 job calls (it also retires HITs past their lifetime).
 
-Answering (:func:`record_answers`): one read of the HIT's questions, one multi-row
-``INSERT ... ON CONFLICT DO NOTHING``; quality control and decisions follow in
+Answering (:func:`record_answers`): the assignment row locked with its answers
+(:mod:`service.crowd.answers`), one read of the HIT's questions, one update of the row; quality
+control and decisions follow in
 :mod:`service.crowd.quality` when the assignment is complete.
 
 This module is the portable implementation (PostgreSQL and SQLite) and handles every case;
@@ -53,11 +54,11 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import and_, bindparam, event, func, insert, or_, select, text, update
-from sqlalchemy.dialects import sqlite
+from sqlalchemy import and_, bindparam, event, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.crowd import CrowdError, CrowdParams, money
+from service.crowd import answers as stored_answers
 from service.crowd.decisions import (
     CLUSTER_COLUMNS,
     ClusterRow,
@@ -71,7 +72,6 @@ from service.crowd.decisions import (
 )
 from service.engine.policy import Action, PolicyParams, decide, sample_positions
 from service.models import (
-    Answer,
     Assignment,
     AssignmentStatus,
     Backend,
@@ -132,7 +132,6 @@ _P = Project.__table__
 _H = Hit.__table__
 _AS = Assignment.__table__
 _Q = Question.__table__
-_A = Answer.__table__
 _CL = Cluster.__table__
 _G = GoldItem.__table__
 _T = Tree.__table__
@@ -886,8 +885,7 @@ _SAMPLES_OF = select(_Q.c.cluster_id, _Q.c.leaf_pos, _Q.c.status).where(
 _PAYLOAD = select(_H.c.payload).where(_H.c.id == bindparam("hid"))
 _ANSWERED_IDS = (
     select(_Q.c.public_id)
-    .join(_A, _A.c.question_id == _Q.c.id)
-    .where(_A.c.assignment_id == bindparam("aid"))
+    .where(_Q.c.hit_id == bindparam("hid"), _Q.c.id.in_(bindparam("ids", expanding=True)))
     .order_by(_Q.c.position)
 )
 _LOCK_OPEN_HIT = (
@@ -994,7 +992,8 @@ def _sweep_or_resume(session: Session, worker_id: int, now: datetime) -> Claim |
     mine = next((r for r in rows if r[2] == worker_id and aware(r[4]) >= now), None)
     if mine is None:
         return None
-    answered = session.scalars(_ANSWERED_IDS, {"aid": mine[0]}).all()
+    given = stored_answers.load(session, [mine[0]])[mine[0]].question_ids
+    answered = session.scalars(_ANSWERED_IDS, {"hid": mine[1], "ids": list(given)}).all()
     payload = session.execute(_PAYLOAD, {"hid": mine[1]}).scalar_one()
     return Claim(mine[3], aware(mine[4]), payload, list(answered))
 
@@ -1068,15 +1067,6 @@ class SubmitResult:
     def to_json(self) -> dict[str, Any]:
         return {"accepted": self.accepted, "duplicates": self.duplicates, "complete": self.complete}
 
-
-_UNNEST_ANSWERS = text(
-    "INSERT INTO answers (question_id, assignment_id, worker_id, value, ms, discarded) "
-    "SELECT q, :assignment_id, :worker_id, v, m, false "
-    "FROM unnest(CAST(:qids AS integer[]), CAST(:vals AS boolean[]), CAST(:ms AS integer[])) "
-    "AS t(q, v, m) "
-    "ON CONFLICT (assignment_id, question_id) WHERE assignment_id IS NOT NULL DO NOTHING "
-    "RETURNING question_id, id"
-)
 
 _UNNEST_QUESTIONS = (
     "INSERT INTO questions "
@@ -1218,69 +1208,21 @@ def _insert_questions(session: Session, hits: list[_NewHit], hit_ids: list[int])
     driver_connection(session).execute(_UNNEST_QUESTIONS, columns, prepare=True)
 
 
-def _insert_answers(session: Session, assignment_id: int, worker_id: int, rows) -> dict[int, int]:
-    """One INSERT ... ON CONFLICT DO NOTHING for a batch of ``(question id, value, ms)``; returns
-    ``{question id: answer id}`` of the rows really stored (a duplicate, even a concurrent one,
-    is not)."""
-    if _postgres(session):
-        return dict(
-            session.execute(
-                _UNNEST_ANSWERS,
-                {
-                    "assignment_id": assignment_id,
-                    "worker_id": worker_id,
-                    "qids": [r[0] for r in rows],
-                    "vals": [r[1] for r in rows],
-                    "ms": [r[2] for r in rows],
-                },
-            ).all()
-        )
-    stmt = (
-        sqlite.insert(_A)
-        .values(
-            [
-                {
-                    "question_id": qid,
-                    "assignment_id": assignment_id,
-                    "worker_id": worker_id,
-                    "value": value,
-                    "ms": ms,
-                    "discarded": False,
-                }
-                for qid, value, ms in rows
-            ]
-        )
-        .on_conflict_do_nothing(
-            index_elements=["assignment_id", "question_id"],
-            index_where=_A.c.assignment_id.is_not(None),
-        )
-        .returning(_A.c.question_id, _A.c.id)
-    )
-    return dict(session.execute(stmt).all())
-
-
 _LOCK_ASSIGNMENT = (
-    select(_AS.c.id, _AS.c.hit_id, _AS.c.worker_id, _AS.c.status, _AS.c.lease_expires_at)
+    select(
+        _AS.c.id,
+        _AS.c.hit_id,
+        _AS.c.worker_id,
+        _AS.c.status,
+        _AS.c.lease_expires_at,
+        *stored_answers.COLUMNS,
+    )
     .where(_AS.c.public_id == bindparam("pid"))
     .with_for_update()
 )
 _HIT_QUESTIONS = (
-    select(
-        _Q.c.public_id,
-        _Q.c.id,
-        _Q.c.kind,
-        _Q.c.status,
-        _Q.c.cluster_id,
-        _G.c.expected,
-        _A.c.id,
-        _A.c.value,
-        _A.c.ms,
-    )
-    .select_from(
-        _Q.outerjoin(
-            _A, and_(_A.c.question_id == _Q.c.id, _A.c.assignment_id == bindparam("aid"))
-        ).outerjoin(_G, _G.c.id == _Q.c.gold_item_id)
-    )
+    select(_Q.c.public_id, _Q.c.id, _Q.c.kind, _Q.c.status, _Q.c.cluster_id, _G.c.expected)
+    .select_from(_Q.outerjoin(_G, _G.c.id == _Q.c.gold_item_id))
     .where(_Q.c.hit_id == bindparam("hid"))
 )
 
@@ -1315,57 +1257,54 @@ def record_answers(
     """Store ``(question public id, value, ms)`` answers of one assignment, idempotently.
 
     Partial submissions are fine (the page sends one answer at a time); an answer already stored
-    counts as a duplicate, never twice. The assignment row is locked first, so concurrent posts
-    of the same assignment queue and exactly one of them sees it become complete.
+    counts as a duplicate, never twice. The assignment row is locked first and its answers are
+    read under the lock, so concurrent posts of the same assignment queue, each sees what the
+    previous one stored, and exactly one of them sees it become complete.
     """
     now = now or utcnow()
     row = session.execute(_LOCK_ASSIGNMENT, {"pid": assignment_public_id}).first()
     if row is None or row[2] != worker_id:
         raise CrowdError(404, "not_found", f"assignment {assignment_public_id} not found")
-    assignment_id, hit_id, _, status, lease = row
+    assignment_id, hit_id, _, status, lease = row[:5]
+    stored = stored_answers.AnswerSet.of(row[5:])
     status, lease = AssignmentStatus(status), aware(lease)
     refuse_lapsed_lease(status, lease, now)
-    # The HIT's questions and which of them this assignment has answered already, in one read.
-    rows_read = session.execute(_HIT_QUESTIONS, {"aid": assignment_id, "hid": hit_id}).all()
+    rows_read = session.execute(_HIT_QUESTIONS, {"hid": hit_id}).all()
     questions = {r[0]: r[1] for r in rows_read}
-    answered = {r[1] for r in rows_read if r[6] is not None}
     refuse_unknown_questions(answers, questions)
     if status is not AssignmentStatus.CLAIMED:
         return SubmitResult(0, len(answers), True, assignment_id, hit_id, False)
-    rows: dict[int, tuple[int, bool, int]] = {}
+    answered = set(stored.question_ids)
+    new: dict[int, tuple[int, bool, int]] = {}
     for pid, value, ms in answers:
         qid = questions[pid]
-        if qid not in answered and qid not in rows:
-            rows[qid] = (qid, value, ms)
-    # ON CONFLICT still guards against a concurrent duplicate the read above could not see.
-    stored = _insert_answers(session, assignment_id, worker_id, list(rows.values())) if rows else {}
-    complete = len(answered) + len(stored) >= len(questions)
-    votes = _own_votes(rows_read, rows, stored, assignment_id, worker_id) if complete else None
+        if qid not in answered and qid not in new:
+            new[qid] = (qid, value, ms)
+    if new:
+        stored = stored.appended(new.values())
+        stored_answers.store(session, assignment_id, stored)
+    complete = len(answered) + len(new) >= len(questions)
+    votes = _own_votes(rows_read, stored, assignment_id, worker_id) if complete else None
     return SubmitResult(
-        len(stored), len(answers) - len(stored), complete, assignment_id, hit_id, complete, votes
+        len(new), len(answers) - len(new), complete, assignment_id, hit_id, complete, votes
     )
 
 
 def _own_votes(
-    rows_read: Sequence,
-    new: dict[int, tuple[int, bool, int]],
-    stored: dict[int, int],
-    assignment_id: int,
-    worker_id: int,
+    rows_read: Sequence, stored: stored_answers.AnswerSet, assignment_id: int, worker_id: int
 ) -> dict[int, QuestionVotes]:
     """The HIT's open questions with this assignment's answers, from what the submission already
     read and wrote: for a single-assignment HIT that is exactly what :func:`hit_votes` would read,
     so completing it costs no extra query."""
+    given = {a.question_id: a for a in stored.valid()}
     votes: dict[int, QuestionVotes] = {}
-    for _pid, qid, kind, status, cluster_id, expected, aid, value, ms in rows_read:
+    for _pid, qid, kind, status, cluster_id, expected in rows_read:
         if QuestionStatus(status) is not QuestionStatus.OPEN:
             continue
         entry = votes[qid] = QuestionVotes(cluster_id, QuestionKind(kind), expected, [])
-        if aid is not None:
-            entry.votes.append(Vote(aid, worker_id, bool(value), assignment_id, ms))
-        elif qid in stored:
-            _, new_value, new_ms = new[qid]
-            entry.votes.append(Vote(stored[qid], worker_id, new_value, assignment_id, new_ms))
+        answer = given.get(qid)
+        if answer is not None:
+            entry.votes.append(Vote(worker_id, answer.value, assignment_id, answer.ms))
     return votes
 
 
@@ -1402,10 +1341,7 @@ def expire_assignments(session: Session, assignment_ids: list[int], reason: str)
         .where(_AS.c.id.in_(assignment_ids))
         .values(status=AssignmentStatus.EXPIRED, decision_reason=reason)
     )
-    answer_ids = session.scalars(
-        select(_A.c.id).where(_A.c.assignment_id.in_(assignment_ids), _A.c.discarded.is_(False))
-    ).all()
-    discard_answers(session, answer_ids, reason)
+    discard_answers(session, dict.fromkeys(assignment_ids), reason)
 
 
 def reopen_hits(session: Session, hit_ids: list[int]) -> None:

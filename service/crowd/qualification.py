@@ -275,7 +275,6 @@ def grade_test(
                 "worker_id": worker.id,
                 "value": value,
                 "ms": ms,
-                "discarded": False,
             }
             for pid, (value, ms) in given.items()
         ],

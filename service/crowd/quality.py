@@ -3,8 +3,9 @@
 The paper's crowd protocol (Sec. 6) with every decision stored with its reason:
 
 * **Gold per assignment**: below ``hit_min_gold_accuracy`` the assignment is rejected
-  (``Assignment.decision_reason``) and its sample answers are discarded (``Answer.discard_reason``);
-  their questions go back to their clusters, which ask again.
+  (``Assignment.decision_reason``) and its sample answers are discarded
+  (``Assignment.answer_discard_reasons``); their questions go back to their clusters, which ask
+  again.
 * **Too fast**: a mean time per question under ``min_ms_per_question`` discards the assignment the
   same way (spam clicks through a HIT in seconds).
 * **Gold per worker**: once a worker has ``worker_min_gold`` gold answers, a running accuracy below
@@ -24,10 +25,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, bindparam, func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from service.crowd import CrowdParams, money
+from service.crowd import answers as stored_answers
 from service.crowd.decisions import (
     Counts,
     QuestionVotes,
@@ -40,7 +42,6 @@ from service.crowd.decisions import (
 )
 from service.crowd.hits import CampaignInfo, expire_assignments, lock_hit, reopen_hits, utcnow
 from service.models import (
-    Answer,
     Assignment,
     AssignmentStatus,
     Cluster,
@@ -65,7 +66,6 @@ __all__ = [
     "stats_from_votes",
 ]
 
-_A = Answer.__table__
 _AS = Assignment.__table__
 _Q = Question.__table__
 _G = GoldItem.__table__
@@ -98,22 +98,19 @@ class Review:
 
 
 def assignment_stats(session: Session, assignment_id: int) -> AssignmentStats:
-    """Answer count, time and gold score of one assignment, in one aggregate query."""
-    row = session.execute(
-        select(
-            func.count(),
-            func.coalesce(func.sum(_A.c.ms), 0),
-            func.count(_G.c.id),
-            func.count(_G.c.id).filter(_A.c.value == _G.c.expected),
-        )
-        .select_from(
-            _A.join(_Q, _Q.c.id == _A.c.question_id).outerjoin(
-                _G, and_(_G.c.id == _Q.c.gold_item_id, _Q.c.kind == QuestionKind.GOLD)
-            )
-        )
-        .where(_A.c.assignment_id == assignment_id)
-    ).one()
-    return AssignmentStats(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+    """Answer count, time and gold score of one assignment (every answer it stored)."""
+    answers = stored_answers.load(session, [assignment_id]).get(assignment_id)
+    if not answers:
+        return AssignmentStats(0, 0, 0, 0)
+    expected = dict(
+        session.execute(
+            select(_Q.c.id, _G.c.expected)
+            .join(_G, _G.c.id == _Q.c.gold_item_id)
+            .where(_Q.c.id.in_(sorted(set(answers.question_ids))), _Q.c.kind == QuestionKind.GOLD)
+        ).all()
+    )
+    gold = [a.value == expected[a.question_id] for a in answers if a.question_id in expected]
+    return AssignmentStats(len(answers), sum(answers.ms), len(gold), sum(gold))
 
 
 def judge(stats: AssignmentStats, params: CrowdParams) -> tuple[bool, str]:
@@ -134,16 +131,10 @@ def judge(stats: AssignmentStats, params: CrowdParams) -> tuple[bool, str]:
     return True, f"approved: {gold} correct, {stats.mean_ms:.0f} ms per question"
 
 
-def _sample_answer_ids(session: Session, assignment_id: int) -> list[int]:
+def _sample_questions(session: Session, hit_id: int) -> list[int]:
     return list(
         session.scalars(
-            select(_A.c.id)
-            .join(_Q, _Q.c.id == _A.c.question_id)
-            .where(
-                _A.c.assignment_id == assignment_id,
-                _A.c.discarded.is_(False),
-                _Q.c.kind == QuestionKind.SAMPLE,
-            )
+            select(_Q.c.id).where(_Q.c.hit_id == hit_id, _Q.c.kind == QuestionKind.SAMPLE)
         )
     )
 
@@ -209,42 +200,58 @@ def block_worker(
         .values(blocked=True, blocked_reason=reason, blocked_at=now)
     )
     undecided = (ClusterState.CANDIDATE, ClusterState.ACTIVE)
-    # The worker's answers through their assignments (answers are indexed by assignment, not by
-    # worker: this path is rare, the answer inserts it would slow down are not).
-    rows = session.execute(
-        select(_A.c.id, _Q.c.id, _Q.c.cluster_id, _Q.c.status, _A.c.value)
-        .select_from(
-            _AS.join(_A, _A.c.assignment_id == _AS.c.id)
-            .join(_Q, _Q.c.id == _A.c.question_id)
-            .join(_CL, _CL.c.id == _Q.c.cluster_id)
-        )
-        .where(
-            _AS.c.worker_id == worker_id,
-            _A.c.discarded.is_(False),
-            _Q.c.kind == QuestionKind.SAMPLE,
-            _CL.c.state.in_(undecided),
+    # The worker's valid answers, through their assignments (this path is rare).
+    given = session.execute(
+        select(_AS.c.id, *stored_answers.COLUMNS).where(
+            _AS.c.worker_id == worker_id, _AS.c.answer_question_ids.is_not(None)
         )
     ).all()
-    locked = lock_clusters(session, (r[2] for r in rows))
-    rows = [r for r in rows if locked[r[2]].state in undecided]
-    discard_answers(session, [r[0] for r in rows], f"worker blocked: {reason}")
-    deltas: Counts = {int(r[2]): (0, 0, 0) for r in rows}
-    answered = {r[1]: r for r in rows if QuestionStatus(r[3]) is QuestionStatus.ANSWERED}
-    if answered:
-        still_valid = set(
-            session.scalars(
-                select(_A.c.question_id).where(
-                    _A.c.question_id.in_(list(answered)), _A.c.discarded.is_(False)
-                )
+    value_of = {
+        (int(row[0]), answer.question_id): answer.value
+        for row in given
+        for answer in stored_answers.AnswerSet.of(row[1:]).valid()
+    }
+    about = {
+        int(qid): (int(cid), QuestionStatus(status), int(hit))
+        for qid, cid, status, hit in session.execute(
+            select(_Q.c.id, _Q.c.cluster_id, _Q.c.status, _Q.c.hit_id)
+            .join(_CL, _CL.c.id == _Q.c.cluster_id)
+            .where(
+                _Q.c.id.in_(sorted({qid for _, qid in value_of})),
+                _Q.c.kind == QuestionKind.SAMPLE,
+                _CL.c.state.in_(undecided),
             )
-        )
+        ).all()
+    }
+    locked = lock_clusters(session, (cid for cid, _, _ in about.values()))
+    rows = [
+        (aid, qid, about[qid], value)
+        for (aid, qid), value in value_of.items()
+        if qid in about and locked[about[qid][0]].state in undecided
+    ]
+    chosen: dict[int, set[int]] = {}
+    for aid, qid, _, _ in rows:
+        chosen.setdefault(aid, set()).add(qid)
+    discard_answers(session, chosen, f"worker blocked: {reason}")
+    deltas: Counts = {cid: (0, 0, 0) for _, _, (cid, _, _), _ in rows}
+    answered = {
+        qid: (cid, hit, value)
+        for _, qid, (cid, status, hit), value in rows
+        if status is QuestionStatus.ANSWERED
+    }
+    if answered:
+        still_valid = {
+            answer.question_id
+            for assignment in stored_answers.of_hits(session, {h for _, h, _ in answered.values()})
+            for answer in assignment.answers.valid()
+        }
         lost = [q for q in answered if q not in still_valid]
         if lost:
             session.execute(
                 update(_Q).where(_Q.c.id.in_(lost)).values(status=QuestionStatus.DISCARDED)
             )
         for qid in lost:
-            cid, value = int(answered[qid][2]), bool(answered[qid][4])
+            cid, _, value = answered[qid]
             yes, no, closed = deltas[cid]
             deltas[cid] = (yes - 1, no, closed) if value else (yes, no - 1, closed)
     claims = session.execute(
@@ -319,7 +326,7 @@ def finalize_assignment(
         },
     )
     if not approved:
-        discard_answers(session, _sample_answer_ids(session, assignment_id), reason)
+        discard_answers(session, {assignment_id: _sample_questions(session, hit_id)}, reason)
     correct, total, already_blocked = _update_worker_gold(session, worker_id, stats)
     blocked_for = None if already_blocked else block_reason(correct, total, params)
     deltas: Counts = {}

@@ -10,7 +10,6 @@ from collections import Counter
 from sqlalchemy import func, select
 
 from service.models import (
-    Answer,
     Assignment,
     Campaign,
     Cluster,
@@ -29,6 +28,7 @@ from tests.crowd.world import (
     qualify_directly,
     worker_headers,
 )
+from tests.helpers import hit_answers
 
 THREADS = 16
 HIT_COST = 200_000  # 0.20 USD, local backend: no fee
@@ -110,13 +110,9 @@ def test_sixteen_threads_claiming_and_answering(app, client, db):
     db.rollback()
 
     # No answer stored or counted twice.
-    dupes = db.execute(
-        select(Answer.question_id).group_by(Answer.question_id).having(func.count() > 1)
-    ).all()
-    assert dupes == []
-    assert db.scalar(select(func.count()).select_from(Answer)) == sum(
-        map(len, (q for _, q in served))
-    )
+    stored = Counter(a.question_id for a in hit_answers(db))
+    assert [q for q, n in stored.items() if n > 1] == []
+    assert sum(stored.values()) == sum(map(len, (q for _, q in served)))
     answered = dict(
         db.execute(
             select(Question.cluster_id, func.count())

@@ -23,7 +23,6 @@ from service.crowd.hits import (
     question_payload,
 )
 from service.models import (
-    Answer,
     Assignment,
     Campaign,
     Cluster,
@@ -41,6 +40,7 @@ from tests.crowd.world import (
     stored_answers,
     worker_headers,
 )
+from tests.helpers import hit_answers
 
 
 def _open_counts_agree(db, tree_id: int) -> None:
@@ -83,8 +83,9 @@ def test_a_cycle_is_served_by_the_fast_path(client, db, monkeypatch):
     assert assignment.decision_reason.startswith("approved: gold 2/2 correct")
     questions = db.scalars(select(Question).where(Question.hit_id == assignment.hit_id)).all()
     assert {q.status for q in questions} == {QuestionStatus.ANSWERED}
-    answers = db.scalars(select(Answer).where(Answer.assignment_id == assignment.id)).all()
+    answers = hit_answers(db, Assignment.id == assignment.id)
     assert len(answers) == 12 and not any(a.discarded for a in answers)
+    assert {a.question_id for a in answers} == {q.id for q in questions}
     assert {a.worker_id for a in answers} == {worker["worker_id"]}
     assert db.get(Hit, assignment.hit_id).status == HitStatus.COMPLETED
     spent = db.execute(
@@ -266,6 +267,51 @@ def test_a_busy_assignment_falls_back_and_waits(client, db, postgres, migrated_p
     assert done[0].get_json() == {"accepted": 12, "duplicates": 0, "complete": True}
     assert portable_calls == [hit["assignment_id"]]
     assert stored_answers(db, hit["assignment_id"]) == 12
+
+
+def test_concurrent_overlapping_posts_store_each_answer_once(client, db):
+    """Without a unique index on answers, the assignment row lock is what keeps an answer from
+    being stored twice: posts of overlapping parts of one HIT, sent at the same moment, together
+    accept each answer once, store it once, and complete and pay the assignment once."""
+    world, _, worker = campaign_world(client, db, "overlap")
+    headers = worker_headers(worker["token"])
+    hit = client.post("/api/v1/work/assignments", headers=headers).get_json()
+    right = correct_answers(db, world, [q["id"] for q in hit["questions"]])
+    answers = [
+        {"question_id": q["id"], "value": right[q["id"]], "ms": 900} for q in hit["questions"]
+    ]
+    parts = [answers[:8], answers[4:], answers[2:10], answers]
+    url = f"/api/v1/work/assignments/{hit['assignment_id']}/answers"
+    start = threading.Barrier(len(parts))
+    replies: list = []
+
+    def post(part: list) -> None:
+        poster = client.application.test_client()
+        start.wait()
+        replies.append(poster.post(url, json={"answers": part}, headers=headers))
+
+    threads = [threading.Thread(target=post, args=(part,)) for part in parts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [r.status_code for r in replies] == [200] * len(parts)
+    bodies = [r.get_json() for r in replies]
+    assert sum(b["accepted"] for b in bodies) == len(answers)
+    assert sum(b["accepted"] + b["duplicates"] for b in bodies) == sum(map(len, parts))
+    stored = hit_answers(db, Assignment.public_id == hit["assignment_id"])
+    assert sorted(a.question_id for a in stored) == sorted(
+        db.scalars(select(Question.id).where(Question.public_id.in_(right)))
+    )
+    assignment = db.scalar(select(Assignment).where(Assignment.public_id == hit["assignment_id"]))
+    assert assignment.status == "approved"
+    spends = db.scalar(
+        select(func.count()).where(
+            LedgerEntry.hit_id == assignment.hit_id, LedgerEntry.kind == "spend"
+        )
+    )
+    db.rollback()
+    assert spends == 1
 
 
 def test_the_claim_payload_is_stored_once_and_sent_verbatim(client, db):

@@ -10,7 +10,6 @@ from sqlalchemy import func, select, update
 
 from service.crowd.quality import assignment_stats
 from service.models import (
-    Answer,
     Assignment,
     Campaign,
     Cluster,
@@ -30,6 +29,7 @@ from tests.crowd.world import (
     qualify_directly,
     worker_headers,
 )
+from tests.helpers import hit_answers
 
 ALL_NO = [False] * 5  # every gold item's answer is "no": a yes-sayer gets 0/5
 
@@ -74,12 +74,15 @@ def test_a_hit_failing_gold_is_rejected_and_reasked(client, db):
     assert "gold 0/5" in assignment.decision_reason and "below" in assignment.decision_reason
     samples = _sample_questions(db, hit)
     assert samples and all(q.status == QuestionStatus.DISCARDED for q in samples)
-    answers = db.scalars(
-        select(Answer)
-        .join(Question, Question.id == Answer.question_id)
-        .where(Answer.assignment_id == assignment.id, Question.kind == "sample")
-    ).all()
-    assert all(a.discarded and "gold 0/5" in a.discard_reason for a in answers)
+    sample_ids = {q.id for q in samples}
+    answers = hit_answers(db, Assignment.id == assignment.id)
+    assert len(answers) == len(hit["questions"])
+    assert all(
+        a.discarded and "gold 0/5" in a.discard_reason
+        for a in answers
+        if a.question_id in sample_ids
+    )
+    assert not any(a.discarded for a in answers if a.question_id not in sample_ids)
     # Gold answers are kept (they are the evidence) and nothing was counted.
     cluster_ids = {q.cluster_id for q in samples}
     clusters = db.scalars(select(Cluster).where(Cluster.id.in_(cluster_ids))).all()
@@ -125,11 +128,12 @@ def test_a_worker_below_the_running_gold_threshold_is_blocked(client, db):
     for hit in (first, second):
         for q in _sample_questions(db, hit):
             assert q.status == QuestionStatus.DISCARDED
-    reasons = db.scalars(
-        select(Answer.discard_reason)
-        .join(Question, Question.id == Answer.question_id)
-        .where(Answer.worker_id == sloppy["worker_id"], Question.kind == "sample")
-    ).all()
+    sample_ids = {q.id for hit in (first, second) for q in _sample_questions(db, hit)}
+    reasons = [
+        a.discard_reason
+        for a in hit_answers(db, Assignment.worker_id == sloppy["worker_id"])
+        if a.question_id in sample_ids
+    ]
     assert reasons and all(r and r.startswith("worker blocked") for r in reasons)
     # Counts were taken back: nothing of theirs stands, every cluster is asked again.
     counted = db.scalar(select(func.sum(Cluster.yes_count)).where(Cluster.tree_id == world.tree_id))

@@ -10,7 +10,6 @@ from sqlalchemy import func, select, update
 
 from service.crowd.hits import build_hit, build_hits, load_campaign, sweep
 from service.models import (
-    Answer,
     Assignment,
     Campaign,
     Cluster,
@@ -30,9 +29,10 @@ from tests.crowd.world import (
     invite,
     make_world,
     qualify_directly,
+    stored_answers,
     worker_headers,
 )
-from tests.helpers import new_key
+from tests.helpers import hit_answers, new_key
 
 
 def _world_with_work(client, db, name, blocks="GLGLGLGL", gold=(True, False, True)):
@@ -224,14 +224,7 @@ def test_answers_are_idempotent_and_owned(client, db):
         headers=worker_headers(alice["token"]),
     )
     assert wrong_type.status_code == 422 and "value" in wrong_type.get_json()["error"]["message"]
-    mine = (
-        select(func.count())
-        .select_from(Answer)
-        .join(Assignment, Assignment.id == Answer.assignment_id)
-        .where(Assignment.public_id == hit["assignment_id"])
-    )
-    assert db.scalar(mine) == 0
-    db.rollback()
+    assert stored_answers(db, hit["assignment_id"]) == 0
 
     # Partial, then the same again, then the rest (with a repeat mixed in).
     one = client.post(url, json={"answers": first[:5]}, headers=worker_headers(alice["token"]))
@@ -242,8 +235,7 @@ def test_answers_are_idempotent_and_owned(client, db):
     assert rest.get_json() == {"accepted": 7, "duplicates": 1, "complete": True}
     after = client.post(url, json={"answers": first}, headers=worker_headers(alice["token"]))
     assert after.get_json() == {"accepted": 0, "duplicates": 12, "complete": True}
-    db.rollback()
-    assert db.scalar(mine) == 12
+    assert stored_answers(db, hit["assignment_id"]) == 12
     assignment = db.scalar(select(Assignment).where(Assignment.public_id == hit["assignment_id"]))
     assert assignment.status == "approved" and assignment.gold_total == 2
     spent = db.scalar(select(Campaign.spent_micros).where(Campaign.project_id == world.project_id))
@@ -333,7 +325,7 @@ def test_an_expired_lease_returns_the_questions(client, db):
     db.rollback()
     expired = db.scalar(select(Assignment).where(Assignment.public_id == held["assignment_id"]))
     assert expired.status == "expired" and "lease expired" in expired.decision_reason
-    partial = db.scalar(select(Answer).where(Answer.assignment_id == expired.id))
+    (partial,) = hit_answers(db, Assignment.id == expired.id)
     assert partial.discarded and "lease expired" in partial.discard_reason
 
 

@@ -14,14 +14,13 @@ from typing import Any
 
 import numpy as np
 from flask.testing import FlaskClient
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from service.engine.policy import PolicyParams
 from service.engine.reachable import reachable_plan
 from service.engine.tree import ClusterTree
 from service.models import (
-    Answer,
     Assignment,
     Cluster,
     ClusterState,
@@ -33,7 +32,7 @@ from service.models import (
     Tree,
     Worker,
 )
-from tests.helpers import new_key
+from tests.helpers import hit_answers, new_key
 
 RLE = {"size": [4, 4], "counts": "04"}
 
@@ -246,12 +245,7 @@ def worker_headers(token: str) -> dict[str, str]:
 
 def stored_answers(db: Session, assignment_public_id: str) -> int:
     """How many answers the database holds for the assignment (read, then the read ends)."""
-    count = db.scalar(
-        select(func.count())
-        .select_from(Answer)
-        .join(Assignment, Assignment.id == Answer.assignment_id)
-        .where(Assignment.public_id == assignment_public_id)
-    )
+    count = len(hit_answers(db, Assignment.public_id == assignment_public_id))
     db.rollback()
     return count
 

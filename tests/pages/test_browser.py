@@ -19,8 +19,9 @@ from werkzeug.serving import make_server
 
 from service.auth import hash_secret
 from service.db import get_database
-from service.models import Answer, Assignment, GoldItem, Question, QuestionKind, Worker
+from service.models import Assignment, GoldItem, Question, QuestionKind, Worker
 from service.storage import open_storage
+from tests.helpers import hit_answers
 from tests.pages import seed_project
 
 pytestmark = pytest.mark.browser
@@ -194,11 +195,15 @@ def test_worker_qualifies_and_answers_a_hit_with_the_keyboard(app, base_url, bro
         worker = session.scalar(select(Worker).where(Worker.token_hash == hash_secret(token)))
         assert worker.qualified
         assignment = session.scalar(select(Assignment).where(Assignment.worker_id == worker.id))
-        rows = session.execute(
-            select(Question.public_id, Answer.value, Answer.ms, Answer.discarded)
-            .join(Answer, Answer.question_id == Question.id)
-            .where(Answer.assignment_id == assignment.id)
-        ).all()
+        public_id = dict(
+            session.execute(
+                select(Question.id, Question.public_id).where(Question.hit_id == assignment.hit_id)
+            ).all()
+        )
+        rows = [
+            (public_id[a.question_id], a.value, a.ms, a.discarded)
+            for a in hit_answers(session, Assignment.id == assignment.id)
+        ]
     stored = {public_id: value for public_id, value, _, _ in rows}
     assert stored == given  # every answer once, the undone one with its corrected value
     assert undone in stored and stored[undone] is given[undone]
