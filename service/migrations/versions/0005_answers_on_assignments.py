@@ -102,6 +102,12 @@ def _array(item: type[sa.types.TypeEngine]) -> sa.types.TypeEngine:
     return sa.ARRAY(item()).with_variant(sa.JSON(none_as_null=True), "sqlite")
 
 
+def _unique_per_parent(parent: str) -> tuple[str, dict[str, sa.TextClause]]:
+    """0001's partial unique index of an answer's (parent, question): its name and predicate."""
+    where = sa.text(f"{parent} IS NOT NULL")
+    return f"uq_answers_{parent}_question_id", {"postgresql_where": where, "sqlite_where": where}
+
+
 def _postgres() -> bool:
     return op.get_bind().dialect.name == "postgresql"
 
@@ -112,16 +118,9 @@ def upgrade() -> None:
     op.execute(_TO_ARRAYS_POSTGRESQL if _postgres() else _TO_ARRAYS_SQLITE)
     op.execute("DELETE FROM answers WHERE assignment_id IS NOT NULL")
     with op.batch_alter_table("answers") as batch:
-        batch.drop_index(
-            "uq_answers_assignment_id_question_id",
-            postgresql_where=sa.text("assignment_id IS NOT NULL"),
-            sqlite_where=sa.text("assignment_id IS NOT NULL"),
-        )
-        batch.drop_index(
-            "uq_answers_qualification_attempt_id_question_id",
-            postgresql_where=sa.text("qualification_attempt_id IS NOT NULL"),
-            sqlite_where=sa.text("qualification_attempt_id IS NOT NULL"),
-        )
+        for parent in ("assignment_id", "qualification_attempt_id"):
+            name, where = _unique_per_parent(parent)
+            batch.drop_index(name, **where)
         batch.drop_constraint(op.f("ck_answers_one_parent"), type_="check")
         batch.drop_constraint(op.f("ck_answers_discard_has_reason"), type_="check")
         batch.drop_column("assignment_id")
@@ -151,20 +150,9 @@ def downgrade() -> None:
         batch.create_check_constraint(
             op.f("ck_answers_discard_has_reason"), "NOT discarded OR discard_reason IS NOT NULL"
         )
-        batch.create_index(
-            "uq_answers_qualification_attempt_id_question_id",
-            ["qualification_attempt_id", "question_id"],
-            unique=True,
-            postgresql_where=sa.text("qualification_attempt_id IS NOT NULL"),
-            sqlite_where=sa.text("qualification_attempt_id IS NOT NULL"),
-        )
-        batch.create_index(
-            "uq_answers_assignment_id_question_id",
-            ["assignment_id", "question_id"],
-            unique=True,
-            postgresql_where=sa.text("assignment_id IS NOT NULL"),
-            sqlite_where=sa.text("assignment_id IS NOT NULL"),
-        )
+        for parent in ("qualification_attempt_id", "assignment_id"):
+            name, where = _unique_per_parent(parent)
+            batch.create_index(name, [parent, "question_id"], unique=True, **where)
     op.execute(_TO_ROWS_POSTGRESQL if _postgres() else _TO_ROWS_SQLITE)
     with op.batch_alter_table("assignments") as batch:
         for name, _item in reversed(_ARRAYS):
