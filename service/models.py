@@ -3,7 +3,8 @@ questions, answers and workers.
 
 Invariants that must survive bugs and concurrency live in the database as constraints (foreign keys,
 uniques, checks), not only in Python: a negative budget, a duplicate answer, ``lo >= hi`` or an
-overspent campaign are refused by PostgreSQL (and SQLite) themselves.
+overspent campaign are refused by PostgreSQL (and SQLite) themselves. (A HIT's answers are arrays
+of its assignment; the checks on those arrays are PostgreSQL's only, see ``Assignment``.)
 
 Money is stored as integer micro-dollars (1e-6 USD) so sums are exact on every backend.
 
@@ -528,7 +529,9 @@ class Assignment(TimestampMixin, Base):
     #: until the first answer. One row written per submission instead of one per answer: storing
     #: a HIT's 55 answers as rows (three indexes each) cost a fifth of the CPU of a whole HIT
     #: cycle (``scripts/bench_compare.py``, issue 4). The row is locked by every writer, so an
-    #: answer is stored at most once without a unique index.
+    #: answer is stored at most once without a unique index. On PostgreSQL, CHECKs of migration
+    #: 0005 (not declared here: SQLite cannot express them) still refuse a question answered twice,
+    #: arrays that do not line up and a negative time.
     answer_question_ids: Mapped[list[int] | None] = mapped_column(_array(Integer))
     answer_values: Mapped[list[bool] | None] = mapped_column(_array(Boolean))
     answer_ms: Mapped[list[int] | None] = mapped_column(_array(Integer))

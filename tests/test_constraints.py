@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import update
@@ -244,3 +245,55 @@ def test_blocked_worker_needs_reason(session, world):
         session,
         lambda: session.execute(update(Worker).where(Worker.id == worker_id).values(blocked=True)),
     )
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        # Each breaks one rule only (the discard reasons of the row's valid state are 2 long).
+        {"answer_question_ids": [5, 6, 5], "answer_values": [True] * 3, "answer_ms": [900] * 3},
+        {"answer_question_ids": [5, 7], "answer_values": [True], "answer_ms": [900, 900]},
+        {"answer_question_ids": [5, 7], "answer_values": [True, True], "answer_ms": [900, -1]},
+        {"answer_question_ids": None, "answer_values": [True, True], "answer_ms": None},
+        {
+            "answer_question_ids": [5, 6],
+            "answer_values": [True, False],
+            "answer_ms": [900, 900],
+            "answer_discard_reasons": ["gold 0/1"],
+        },
+    ],
+    ids=["question-twice", "lengths-differ", "negative-ms", "values-without-ids", "short-reasons"],
+)
+def test_hit_answers_that_do_not_line_up_are_rejected_on_postgres(migrated_pg_url, arrays):
+    """A HIT's answers are arrays of its assignment (migration 0005): PostgreSQL itself refuses a
+    question answered twice, arrays of different lengths and a negative time."""
+    database = Database(migrated_pg_url)
+    try:
+        with database.session() as s:
+            assignment = Assignment(
+                hit_id=999_999,
+                worker_id=999_999,
+                public_id="checked",
+                lease_expires_at=datetime.now(UTC),
+            )
+            s.add(assignment)
+            s.flush()
+            s.execute(
+                update(Assignment)
+                .where(Assignment.id == assignment.id)
+                .values(
+                    answer_question_ids=[5, 6],
+                    answer_values=[True, False],
+                    answer_ms=[900, 800],
+                    answer_discard_reasons=[None, "gold 0/1"],
+                )
+            )  # lined up: accepted
+            changes = {"answer_discard_reasons": None, **arrays} if len(arrays) == 3 else arrays
+            _rejected(
+                s,
+                lambda: s.execute(
+                    update(Assignment).where(Assignment.id == assignment.id).values(**changes)
+                ),
+            )
+    finally:
+        database.dispose()

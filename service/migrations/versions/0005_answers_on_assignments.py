@@ -9,7 +9,9 @@ slice pairs of ``bench_service.py``'s load, issue 4) measured the service's CPU 
 without storing answer rows measured 0.983 (no gain), so the rows were the cost.
 
 Uniqueness per (assignment, question), which the partial unique index enforced, now holds because
-every writer locks the assignment row and reads its arrays before it appends. ``answers`` keeps
+every writer locks the assignment row and reads its arrays before it appends; on PostgreSQL a CHECK
+still refuses an assignment whose arrays name a question twice, and two more check that the arrays
+line up and that no time is negative (SQLite cannot express these without subqueries). ``answers`` keeps
 the qualification test's answers, so its HIT-only columns go (``assignment_id``, ``discarded``,
 ``discard_reason``) and every remaining answer belongs to a qualification attempt.
 
@@ -98,6 +100,30 @@ ORDER BY a.id, q.key
 """
 
 
+# PL/pgSQL rather than SQL: a CHECK builds its expressions anew for every statement, and a SQL
+# function's query would be planned again each time, where PL/pgSQL keeps its plan per session.
+_DISTINCT_FUNCTION = """
+CREATE FUNCTION maskmill_all_distinct(ids integer[]) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN ids IS NULL OR (SELECT count(DISTINCT x) = count(*) FROM unnest(ids) AS x);
+END
+$$
+"""
+
+_CHECKS = {
+    "answers_aligned": "(answer_question_ids IS NULL) = (answer_values IS NULL) "
+    "AND (answer_question_ids IS NULL) = (answer_ms IS NULL) "
+    "AND (answer_discard_reasons IS NULL OR answer_question_ids IS NOT NULL) "
+    "AND cardinality(answer_values) = cardinality(answer_question_ids) "
+    "AND cardinality(answer_ms) = cardinality(answer_question_ids) "
+    "AND (answer_discard_reasons IS NULL "
+    "OR cardinality(answer_discard_reasons) = cardinality(answer_question_ids))",
+    "answer_ms_non_negative": "0 <= ALL(answer_ms)",
+    "answers_distinct": "maskmill_all_distinct(answer_question_ids)",
+}
+
+
 def _array(item: type[sa.types.TypeEngine]) -> sa.types.TypeEngine:
     return sa.ARRAY(item()).with_variant(sa.JSON(none_as_null=True), "sqlite")
 
@@ -116,6 +142,10 @@ def upgrade() -> None:
     for name, item in _ARRAYS:
         op.add_column("assignments", sa.Column(name, _array(item), nullable=True))
     op.execute(_TO_ARRAYS_POSTGRESQL if _postgres() else _TO_ARRAYS_SQLITE)
+    if _postgres():
+        op.execute(_DISTINCT_FUNCTION)
+        for name, condition in _CHECKS.items():
+            op.create_check_constraint(op.f(f"ck_assignments_{name}"), "assignments", condition)
     op.execute("DELETE FROM answers WHERE assignment_id IS NOT NULL")
     with op.batch_alter_table("answers") as batch:
         for parent in ("assignment_id", "qualification_attempt_id"):
@@ -135,6 +165,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    if _postgres():
+        for name in _CHECKS:
+            op.drop_constraint(op.f(f"ck_assignments_{name}"), "assignments", type_="check")
+        op.execute("DROP FUNCTION maskmill_all_distinct(integer[])")
     with op.batch_alter_table("answers") as batch:
         batch.drop_index("uq_answers_qualification_attempt_id_question_id")
         batch.alter_column("qualification_attempt_id", existing_type=sa.Integer, nullable=True)
