@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.auth import create_api_key
 from service.crowd import answers as stored_answers
-from service.models import Assignment
 
 
 def new_key(session: Session, name: str = "test") -> tuple[int, dict[str, str]]:
@@ -37,13 +35,8 @@ class HitAnswer(NamedTuple):
 
 def hit_answers(session: Session, *conditions: Any) -> list[HitAnswer]:
     """Every stored HIT answer of the assignments matching ``conditions`` (all if none)."""
-    rows = session.execute(
-        select(Assignment.id, Assignment.worker_id, *stored_answers.COLUMNS)
-        .where(*conditions)
-        .order_by(Assignment.id)
-    ).all()
     return [
-        HitAnswer(int(row[0]), int(row[1]), *answer)
-        for row in rows
-        for answer in stored_answers.AnswerSet.of(row[2:])
+        HitAnswer(assignment.assignment_id, assignment.worker_id, *answer)
+        for assignment in stored_answers.where(session, *conditions)
+        for answer in assignment.answers
     ]

@@ -18,12 +18,22 @@ from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import ColumnElement, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from service.models import Assignment
 
-__all__ = ["COLUMNS", "AnswerSet", "StoredAnswer", "discard", "load", "of_hits", "store"]
+__all__ = [
+    "COLUMNS",
+    "AnswerSet",
+    "HitAnswers",
+    "StoredAnswer",
+    "discard",
+    "load",
+    "of_hits",
+    "store",
+    "where",
+]
 
 _AS = Assignment.__table__
 
@@ -146,17 +156,20 @@ class HitAnswers(NamedTuple):
     answers: AnswerSet
 
 
-def of_hits(session: Session, hit_ids: Iterable[int]) -> list[HitAnswers]:
-    """Every assignment of these HITs that has answers, in id order."""
-    ids = sorted(set(hit_ids))
-    if not ids:
-        return []
+def where(session: Session, *conditions: ColumnElement[bool]) -> list[HitAnswers]:
+    """Every assignment matching ``conditions`` that has answers, in id order."""
     rows = session.execute(
         select(_AS.c.id, _AS.c.hit_id, _AS.c.worker_id, *COLUMNS)
-        .where(_AS.c.hit_id.in_(ids), _AS.c.answer_question_ids.is_not(None))
+        .where(*conditions, _AS.c.answer_question_ids.is_not(None))
         .order_by(_AS.c.id)
     ).all()
     return [HitAnswers(int(r[0]), int(r[1]), int(r[2]), AnswerSet.of(r[3:])) for r in rows]
+
+
+def of_hits(session: Session, hit_ids: Iterable[int]) -> list[HitAnswers]:
+    """Every assignment of these HITs that has answers, in id order."""
+    ids = sorted(set(hit_ids))
+    return where(session, _AS.c.hit_id.in_(ids)) if ids else []
 
 
 def discard(session: Session, selection: Mapping[int, Container[int] | None], reason: str) -> int:

@@ -201,15 +201,10 @@ def block_worker(
     )
     undecided = (ClusterState.CANDIDATE, ClusterState.ACTIVE)
     # The worker's valid answers, through their assignments (this path is rare).
-    given = session.execute(
-        select(_AS.c.id, *stored_answers.COLUMNS).where(
-            _AS.c.worker_id == worker_id, _AS.c.answer_question_ids.is_not(None)
-        )
-    ).all()
     value_of = {
-        (int(row[0]), answer.question_id): answer.value
-        for row in given
-        for answer in stored_answers.AnswerSet.of(row[1:]).valid()
+        (assignment.assignment_id, answer.question_id): answer.value
+        for assignment in stored_answers.where(session, _AS.c.worker_id == worker_id)
+        for answer in assignment.answers.valid()
     }
     about = {
         int(qid): (int(cid), QuestionStatus(status), int(hit))
