@@ -211,18 +211,31 @@ def test_bench_compare_reports_each_pairs_ratios_in_slice_order():
 
     report = bench_compare.compare(
         {
-            "baseline": stack("baseline", [100, 100, 200], [10.0, 10.0, 5.0], [0.0, 0.5, 0.1]),
-            # The middle slice completed no cycle: its pair is left out.
-            "current": stack("current", [110, 0, 150], [9.0, None, 6.0], [0.2, 0.9, 0.3]),
-        }
+            "baseline": stack(
+                "baseline", [100, 100, 200, 100], [10.0, 10.0, 5.0, 8.0], [0.0, 0.5, 0.1, 0.0]
+            ),
+            # The second slice completed no cycle: its pair is left out.
+            "current": stack(
+                "current", [110, 0, 150, 125], [9.0, None, 6.0, 6.0], [0.2, 0.9, 0.3, 0.04]
+            ),
+        },
+        quiet_steal=0.2,
     )
-    assert report["pairs"] == 2
+    assert report["pairs"] == 3
     # Steal is the machine's, whatever the slice did: every slice counts.
-    assert report["steal_cores"] == {"median": 0.25, "min": 0.0, "max": 0.9}
+    assert report["steal_cores"] == {"median": 0.15, "min": 0.0, "max": 0.9}
     assert report["pair_ratios"] == [
-        {"cycles_per_s": 1.1, "cpu_per_cycle": 0.9},
-        {"cycles_per_s": 0.75, "cpu_per_cycle": 1.2},
+        {"cycles_per_s": 1.1, "cpu_per_cycle": 0.9, "steal_cores": [0.0, 0.2]},
+        {"cycles_per_s": 0.75, "cpu_per_cycle": 1.2, "steal_cores": [0.1, 0.3]},
+        {"cycles_per_s": 1.25, "cpu_per_cycle": 0.75, "steal_cores": [0.0, 0.04]},
     ]
+    # The pair with a slice over 0.2 cores of steal is left out of the quiet summary.
+    assert report["quiet_pairs"] == {
+        "max_steal_cores": 0.2,
+        "pairs": 2,
+        "cycles_per_s_ratio": {"median": 1.175, "min": 1.1, "max": 1.25},
+        "cpu_per_cycle_ratio": {"median": 0.825, "min": 0.75, "max": 0.9},
+    }
 
 
 def test_bench_service_reads_busy_and_steal_time_apart():
