@@ -3,7 +3,7 @@ PostgreSQL and Python without the noise of a loaded server.
 
     python scripts/bench_cycle_cpu.py --json
     python scripts/bench_cycle_cpu.py --json --variant "as migrated=" \\
-        --variant "fillfactor 80=ALTER TABLE questions SET (fillfactor = 80)"
+        --variant "fillfactor 50=ALTER TABLE clusters SET (fillfactor = 50)"
 
 A cycle is the crowd hot path of issue 4: claim a HIT (50 samples + 5 hidden gold) and submit its
 55 answers, both through the service's Flask app (its test client, so no HTTP server and no
@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_service import seed_project, tree_cpu  # noqa: E402
 
-HOT_TABLES = ("questions", "hits", "assignments", "clusters", "workers", "campaigns")
+HOT_TABLES = ("hits", "assignments", "clusters", "workers", "campaigns")
 CLUSTERS = 20_000
 QUESTIONS_PER_HIT = 50
 GOLD_PER_HIT = 5

@@ -4,9 +4,10 @@ do clock-prefixed public ids save?
     python scripts/bench_question_indexes.py --json
 
 Groundwork for the crowd hot path (issue 4). A build inserts its HITs' questions in one statement
-(:data:`service.crowd.hits._UNNEST_QUESTIONS`, the statement the service runs: 16 HITs of 55
-questions = 880 rows by default). On a throwaway PostgreSQL with the real schema (migrated) and a
-``questions`` table already holding ``--prefill`` rows, this times that statement with its commit,
+(:data:`_UNNEST_QUESTIONS`, the statement the service ran until migration 0006 stored a HIT's
+questions as arrays of its row: 16 HITs of 55 questions = 880 rows by default). On a throwaway
+PostgreSQL with the real schema (migrated) and a ``questions`` table already holding
+``--prefill`` rows, this times that statement with its commit,
 then again after dropping the table's secondary indexes one at a time (the unique ``public_id``
 first, then ``cluster_id``, then ``(hit_id, position)``): the differences are what each index costs
 per batch. Before that, with all indexes, batches with purely random 16-byte public ids (the
@@ -38,6 +39,23 @@ STEPS = (
     ("without unique public_id", "ALTER TABLE questions DROP CONSTRAINT uq_questions_public_id"),
     ("and without cluster_id", "DROP INDEX ix_questions_cluster_id"),
     ("and without (hit_id, position)", "DROP INDEX ix_questions_hit_id_position"),
+)
+
+
+#: The statement builds ran while a HIT's questions were rows of ``questions`` (until migration
+#: 0006 made them arrays of the HIT row); ``questions`` still has that shape (it keeps the
+#: qualification test's questions), so the comparison can still be made.
+_UNNEST_QUESTIONS = (
+    "INSERT INTO questions "
+    "(public_id, kind, status, hit_id, position, cluster_id, tree_id, leaf_pos, gold_item_id) "
+    "SELECT * FROM unnest("
+    "string_to_array(%(public_id)s, ','), string_to_array(%(kind)s, ','), "
+    "string_to_array(%(status)s, ','), string_to_array(%(hit_id)s, ',')::integer[], "
+    "string_to_array(%(position)s, ',')::integer[], "
+    "string_to_array(%(cluster_id)s, ',', '')::integer[], "
+    "string_to_array(%(tree_id)s, ',', '')::integer[], "
+    "string_to_array(%(leaf_pos)s, ',', '')::bigint[], "
+    "string_to_array(%(gold_item_id)s, ',', '')::integer[])"
 )
 
 
@@ -90,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     import psycopg
 
     from service import migrate
-    from service.crowd.hits import _UNNEST_QUESTIONS, new_public_ids
+    from service.crowd.hits import new_public_ids
     from service.devservers import PostgresServer
 
     def timed(conn: Any, params: dict[str, str]) -> float:

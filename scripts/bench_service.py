@@ -769,15 +769,15 @@ def check_database(database_url: str, campaign_id: int, tree_id: int) -> dict[st
                     text(
                         """
                     SELECT
-                      (SELECT coalesce(sum(cardinality(s.answer_question_ids)), 0)
+                      (SELECT coalesce(sum(cardinality(s.answer_positions)), 0)
                         FROM assignments s JOIN hits h ON h.id = s.hit_id
                         WHERE h.campaign_id = :c) AS answers,
                       (SELECT count(*) FROM (
-                         SELECT t.q FROM assignments s JOIN hits h ON h.id = s.hit_id
-                           CROSS JOIN LATERAL unnest(s.answer_question_ids,
+                         SELECT s.hit_id, t.q FROM assignments s JOIN hits h ON h.id = s.hit_id
+                           CROSS JOIN LATERAL unnest(s.answer_positions,
                                                      s.answer_discard_reasons) AS t(q, r)
                          WHERE h.campaign_id = :c AND t.r IS NULL
-                         GROUP BY t.q, h.max_assignments
+                         GROUP BY s.hit_id, t.q, h.max_assignments
                          HAVING count(*) > h.max_assignments) d) AS answers_over_quota,
                       (SELECT count(*) FROM (
                          SELECT s.hit_id FROM assignments s JOIN hits h ON h.id = s.hit_id
@@ -804,15 +804,15 @@ def check_database(database_url: str, campaign_id: int, tree_id: int) -> dict[st
                 text(
                     """
                     SELECT count(*) FROM clusters c LEFT JOIN (
-                        SELECT q.cluster_id,
+                        SELECT h.question_cluster_ids[a.p + 1] AS cluster_id,
                                count(*) FILTER (WHERE a.v) AS yes,
                                count(*) FILTER (WHERE NOT a.v) AS no
-                        FROM assignments s
-                        CROSS JOIN LATERAL unnest(s.answer_question_ids, s.answer_values,
-                                                  s.answer_discard_reasons) AS a(q, v, r)
-                        JOIN questions q ON q.id = a.q
-                        WHERE q.tree_id = :t AND q.status = 'answered' AND a.r IS NULL
-                        GROUP BY q.cluster_id) x ON x.cluster_id = c.id
+                        FROM assignments s JOIN hits h ON h.id = s.hit_id
+                        CROSS JOIN LATERAL unnest(s.answer_positions, s.answer_values,
+                                                  s.answer_discard_reasons) AS a(p, v, r)
+                        WHERE h.question_tree_ids[a.p + 1] = :t
+                          AND h.question_statuses[a.p + 1] = 'answered' AND a.r IS NULL
+                        GROUP BY 1) x ON x.cluster_id = c.id
                     WHERE c.tree_id = :t
                       AND (c.yes_count <> coalesce(x.yes, 0) OR c.no_count <> coalesce(x.no, 0))
                     """

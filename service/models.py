@@ -21,6 +21,7 @@ migration).
 from __future__ import annotations
 
 import enum
+import secrets
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -68,6 +69,12 @@ class Base(DeclarativeBase):
 #: Random URL-safe tokens (``secrets.token_urlsafe``): bytewise comparison is their natural order and
 #: several times cheaper in a PostgreSQL btree than a linguistic collation.
 PublicId = String(64).with_variant(String(64, collation="C"), "postgresql")
+
+
+def _random_public_id() -> str:
+    """24 URL-safe characters, 144 random bits (the crowd code makes its own ids for HITs it
+    builds; this is the default for any other writer)."""
+    return secrets.token_urlsafe(18)
 
 
 def _array(item: type[Integer | Boolean | Text]) -> ARRAY:
@@ -346,6 +353,10 @@ class Cluster(TimestampMixin, Base):
     #: clusters need not know it (server default 0).
     open_questions: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: The HITs that hold sample questions about this cluster, in build order (migration 0006):
+    #: how its questions are found, now that they are arrays of their HITs rather than rows
+    #: indexed by cluster. Appended by the build that opens them (which updates this row anyway).
+    sample_hit_ids: Mapped[list[int] | None] = mapped_column(_array(Integer))
 
     __table_args__ = (
         ForeignKeyConstraint(
@@ -480,11 +491,28 @@ class Hit(TimestampMixin, Base):
     #: instead of reading and encoding its questions again.
     payload: Mapped[str] = mapped_column(Text, default="[]")
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Random and unguessable; a question's public id is this plus its position
+    #: (:mod:`service.crowd.questions`), so ids say which HIT a question is in and nothing else.
+    public_id: Mapped[str] = mapped_column(PublicId, unique=True, default=_random_public_id)
+    #: The HIT's questions (migration 0006), as parallel arrays in the HIT's shuffled order (a
+    #: question's position is its index): a sample's cluster, tree and leaf position, a gold
+    #: question's gold item (the other entries ``NULL``), and every question's status. One row
+    #: written per HIT instead of one per question: inserting a build's 880 questions as rows,
+    #: four indexes each, and closing them again, cost about a tenth of the CPU of a whole HIT
+    #: cycle (``scripts/bench_compare.py``, issue 4). Read and written through
+    #: :mod:`service.crowd.questions` only.
+    question_cluster_ids: Mapped[list[int | None]] = mapped_column(_array(Integer), default=list)
+    question_tree_ids: Mapped[list[int | None]] = mapped_column(_array(Integer), default=list)
+    question_leaf_pos: Mapped[list[int | None]] = mapped_column(_array(BigInteger), default=list)
+    question_gold_item_ids: Mapped[list[int | None]] = mapped_column(_array(Integer), default=list)
+    question_statuses: Mapped[list[str]] = mapped_column(_array(Text), default=list)
 
     __table_args__ = (
         CheckConstraint("cost_micros >= 0", name="cost_non_negative"),
         CheckConstraint("max_assignments >= 1", name="assignments_positive"),
         CheckConstraint("lease_seconds > 0", name="lease_positive"),
+        # Its questions' public ids are it plus two characters (service.crowd.questions).
+        CheckConstraint("length(public_id) = 24", name="public_id_length"),
         Index(
             "uq_hits_external_id",
             "external_id",
@@ -525,14 +553,15 @@ class Assignment(TimestampMixin, Base):
     gold_total: Mapped[int] = mapped_column(Integer, default=0)
     decision_reason: Mapped[str | None] = mapped_column(Text)
     #: The assignment's answers (migration 0005), as parallel arrays in the order they were
-    #: stored: the question (``questions.id``), the worker's yes/no, the time it took. ``NULL``
+    #: stored: the question (its position in the HIT, migration 0006), the worker's yes/no, the
+    #: time it took. ``NULL``
     #: until the first answer. One row written per submission instead of one per answer: storing
     #: a HIT's 55 answers as rows (three indexes each) cost a fifth of the CPU of a whole HIT
     #: cycle (``scripts/bench_compare.py``, issue 4). The row is locked by every writer, so an
     #: answer is stored at most once without a unique index. On PostgreSQL, CHECKs of migration
     #: 0005 (not declared here: SQLite cannot express them) still refuse a question answered twice,
     #: arrays that do not line up and a negative time.
-    answer_question_ids: Mapped[list[int] | None] = mapped_column(_array(Integer))
+    answer_positions: Mapped[list[int] | None] = mapped_column(_array(Integer))
     answer_values: Mapped[list[bool] | None] = mapped_column(_array(Boolean))
     answer_ms: Mapped[list[int] | None] = mapped_column(_array(Integer))
     #: Why each answer was discarded (``NULL`` entries: still valid); ``NULL`` while none is.
@@ -577,8 +606,10 @@ class QualificationAttempt(TimestampMixin, Base):
 
 
 class Question(TimestampMixin, Base):
-    """One yes/no question. Sample questions point at ``(tree, leaf_pos)``; gold and qualification
-    questions at a gold item. ``public_id`` is random for every kind, so ids never reveal gold."""
+    """A qualification test's question (a gold item with a random ``public_id``). Since migration
+    0006 a HIT's questions are arrays of its row (:class:`Hit`, :mod:`service.crowd.questions`);
+    the HIT columns here (``hit_id`` to ``leaf_pos``) are where they were stored before, unused
+    now (``NULL``, position 0)."""
 
     __tablename__ = "questions"
 

@@ -29,6 +29,7 @@ from sqlalchemy import select
 
 from service.app import get_settings
 from service.auth import hash_secret
+from service.crowd import questions as hit_questions
 from service.db import get_session
 from service.errors import ApiError, not_found
 from service.models import Question, Worker
@@ -235,7 +236,9 @@ def question_image(public_id: str):
     if not _PUBLIC_ID.match(public_id):
         raise not_found("question")
     session = get_session()
-    question = session.scalar(select(Question).where(Question.public_id == public_id))
+    question = hit_questions.by_public_id(session, public_id) or session.scalar(
+        select(Question).where(Question.public_id == public_id)
+    )
     if question is None:
         raise not_found("question")
     try:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.auth import create_api_key
 from service.crowd import answers as stored_answers
+from service.crowd import questions as stored_questions
+from service.models import Hit
 
 
 def new_key(session: Session, name: str = "test") -> tuple[int, dict[str, str]]:
@@ -40,3 +43,21 @@ def hit_answers(session: Session, *conditions: Any) -> list[HitAnswer]:
         for assignment in stored_answers.where(session, *conditions)
         for answer in assignment.answers
     ]
+
+
+def hit_questions(session: Session, **equal: Any) -> list[stored_questions.HitQuestion]:
+    """Every question of every HIT (arrays of the HIT rows since migration 0006) whose attributes
+    equal ``equal`` (e.g. ``kind=QuestionKind.SAMPLE``; a set or list matches any member), in HIT
+    and position order: what tests once selected from ``questions``."""
+    hit_ids = session.scalars(select(Hit.id)).all()
+    out = []
+    for questions in stored_questions.of_hits(session, hit_ids).values():
+        for q in questions:
+            if all(
+                getattr(q, name) in value
+                if isinstance(value, set | list | tuple)
+                else getattr(q, name) == value
+                for name, value in equal.items()
+            ):
+                out.append(q)
+    return out

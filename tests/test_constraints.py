@@ -251,12 +251,12 @@ def test_blocked_worker_needs_reason(session, world):
     "arrays",
     [
         # Each breaks one rule only (the discard reasons of the row's valid state are 2 long).
-        {"answer_question_ids": [5, 6, 5], "answer_values": [True] * 3, "answer_ms": [900] * 3},
-        {"answer_question_ids": [5, 7], "answer_values": [True], "answer_ms": [900, 900]},
-        {"answer_question_ids": [5, 7], "answer_values": [True, True], "answer_ms": [900, -1]},
-        {"answer_question_ids": None, "answer_values": [True, True], "answer_ms": None},
+        {"answer_positions": [5, 6, 5], "answer_values": [True] * 3, "answer_ms": [900] * 3},
+        {"answer_positions": [5, 7], "answer_values": [True], "answer_ms": [900, 900]},
+        {"answer_positions": [5, 7], "answer_values": [True, True], "answer_ms": [900, -1]},
+        {"answer_positions": None, "answer_values": [True, True], "answer_ms": None},
         {
-            "answer_question_ids": [5, 6],
+            "answer_positions": [5, 6],
             "answer_values": [True, False],
             "answer_ms": [900, 900],
             "answer_discard_reasons": ["gold 0/1"],
@@ -282,7 +282,7 @@ def test_hit_answers_that_do_not_line_up_are_rejected_on_postgres(migrated_pg_ur
                 update(Assignment)
                 .where(Assignment.id == assignment.id)
                 .values(
-                    answer_question_ids=[5, 6],
+                    answer_positions=[5, 6],
                     answer_values=[True, False],
                     answer_ms=[900, 800],
                     answer_discard_reasons=[None, "gold 0/1"],
@@ -295,5 +295,49 @@ def test_hit_answers_that_do_not_line_up_are_rejected_on_postgres(migrated_pg_ur
                     update(Assignment).where(Assignment.id == assignment.id).values(**changes)
                 ),
             )
+    finally:
+        database.dispose()
+
+
+_VALID_QUESTIONS = {
+    "question_cluster_ids": [None, 5],
+    "question_tree_ids": [None, 3],
+    "question_leaf_pos": [None, 40],
+    "question_gold_item_ids": [7, None],
+    "question_statuses": ["open", "answered"],
+}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        # Each breaks one rule only, against the valid gold-then-sample HIT above.
+        {"question_tree_ids": [None]},
+        {"question_statuses": ["open", "maybe"]},
+        {"question_leaf_pos": [None, -1]},
+        {"question_cluster_ids": [None, None]},
+        {"question_gold_item_ids": [7, 8]},
+        {"question_cluster_ids": [4, 5]},
+    ],
+    ids=[
+        "lengths-differ",
+        "unknown-status",
+        "negative-leaf",
+        "sample-without-cluster",
+        "sample-with-gold",
+        "gold-with-cluster",
+    ],
+)
+def test_hit_questions_that_do_not_line_up_are_rejected_on_postgres(migrated_pg_url, change):
+    """A HIT's questions are arrays of its row (migration 0006): PostgreSQL itself refuses arrays
+    of different lengths, an unknown status, a negative leaf position and a position whose
+    target does not match its kind."""
+    database = Database(migrated_pg_url)
+    try:
+        with database.session() as s:
+            hit = Hit(campaign_id=999_999, cost_micros=0, **_VALID_QUESTIONS)
+            s.add(hit)
+            s.flush()  # lined up: accepted
+            _rejected(s, lambda: s.execute(update(Hit).where(Hit.id == hit.id).values(**change)))
     finally:
         database.dispose()

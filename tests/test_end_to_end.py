@@ -43,6 +43,7 @@ from pycocotools.coco import COCO
 from sqlalchemy import func, select
 
 from service.crowd import CrowdParams
+from service.crowd import questions as stored_questions
 from service.crowd.hits import seeded_sampling
 from service.engine.policy import Action, PolicyParams, auto_action, decide, plan_length
 from service.engine.treefile import read_tree_file
@@ -62,7 +63,7 @@ from service.models import (
 )
 from service.storage import open_storage
 from tests.data_factory import rect_mask, rle
-from tests.helpers import hit_answers, new_key
+from tests.helpers import hit_answers, hit_questions, new_key
 
 SIZE = 64  # images are SIZE x SIZE, four 32 px cells, one object per cell
 CLASSES = ["box", "bar"]
@@ -229,7 +230,10 @@ def world(app, settings):
 def _right_answer(db, storage, question_public_id: str, truth) -> tuple[bool, str]:
     """The right answer to a question and a stable name of what it shows (its public id is
     random on every run, the mask or gold item it shows is not)."""
-    question = db.scalar(select(Question).where(Question.public_id == question_public_id))
+    # A HIT's question (arrays of its HIT row), else a qualification question (a row).
+    question = stored_questions.by_public_id(db, question_public_id) or db.scalar(
+        select(Question).where(Question.public_id == question_public_id)
+    )
     if question.kind is not QuestionKind.SAMPLE:
         return db.get(GoldItem, question.gold_item_id).expected, f"gold{question.gold_item_id}"
     tree = db.get(Tree, question.tree_id)
@@ -389,10 +393,9 @@ def _valid_sample_answers(db, tree_id: int) -> dict[int, tuple[int, bool]]:
     """Leaf position -> (cluster the question was asked for, the valid answer)."""
     samples = {
         qid: (pos, cid)
-        for qid, pos, cid in db.execute(
-            select(Question.id, Question.leaf_pos, Question.cluster_id).where(
-                Question.tree_id == tree_id, Question.kind == QuestionKind.SAMPLE
-            )
+        for qid, pos, cid in (
+            (q.id, q.leaf_pos, q.cluster_id)
+            for q in hit_questions(db, tree_id=tree_id, kind=QuestionKind.SAMPLE)
         )
     }
     rows = [
@@ -485,7 +488,7 @@ def test_hidden_gold_judges_every_assignment_and_worker(db, campaign_run):
         expected = AssignmentStatus.REJECTED if below else AssignmentStatus.APPROVED
         assert assignment.status is expected, assignment.decision_reason
     # A rejected assignment's sample answers are all discarded, with the reason.
-    sample_ids = set(db.scalars(select(Question.id).where(Question.kind == QuestionKind.SAMPLE)))
+    sample_ids = {q.id for q in hit_questions(db, kind=QuestionKind.SAMPLE)}
     rejected = hit_answers(db, Assignment.status == AssignmentStatus.REJECTED)
     assert not [a for a in rejected if a.question_id in sample_ids and not a.discarded]
     # Whatever a spammer answered about samples counts only through HITs that passed gold checks.

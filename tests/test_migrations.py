@@ -3,14 +3,19 @@ and the migrated schema equals the models (no drift)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, select
+from sqlalchemy.orm import Session
 
 from service import migrate
+from service.crowd import questions as stored_questions
 from service.db import make_engine
-from service.models import Assignment, Base
+from service.models import Assignment, Base, Cluster, Hit, Question
 
 EXPECTED_TABLES = {
     "api_keys",
@@ -112,6 +117,21 @@ def test_storage_parameters_match_the_models(pg_url):
         migrate.downgrade(pg_url, "base")
 
 
+def _array(item: type) -> sa.types.TypeEngine:
+    return sa.ARRAY(item()).with_variant(sa.JSON(none_as_null=True), "sqlite")
+
+
+#: ``assignments`` as migration 0005 left it (the models describe the head).
+_AS_0005 = sa.table(
+    "assignments",
+    sa.column("id", sa.Integer),
+    sa.column("answer_question_ids", _array(sa.Integer)),
+    sa.column("answer_values", _array(sa.Boolean)),
+    sa.column("answer_ms", _array(sa.Integer)),
+    sa.column("answer_discard_reasons", _array(sa.Text)),
+)
+
+
 def test_0005_moves_hit_answers_onto_their_assignments_and_back(empty_url):
     """Existing HIT answers become their assignment's arrays in insertion order (discards with
     their reasons), qualification answers stay rows, and the downgrade restores the rows."""
@@ -157,12 +177,12 @@ def test_0005_moves_hit_answers_onto_their_assignments_and_back(empty_url):
         with engine.connect() as conn:
             arrays = conn.execute(
                 select(
-                    Assignment.id,
-                    Assignment.answer_question_ids,
-                    Assignment.answer_values,
-                    Assignment.answer_ms,
-                    Assignment.answer_discard_reasons,
-                ).order_by(Assignment.id)
+                    _AS_0005.c.id,
+                    _AS_0005.c.answer_question_ids,
+                    _AS_0005.c.answer_values,
+                    _AS_0005.c.answer_ms,
+                    _AS_0005.c.answer_discard_reasons,
+                ).order_by(_AS_0005.c.id)
             ).all()
             qualification = conn.exec_driver_sql(
                 "SELECT question_id, qualification_attempt_id, value, ms FROM answers"
@@ -190,6 +210,132 @@ def test_0005_moves_hit_answers_onto_their_assignments_and_back(empty_url):
         # The rows above break the foreign keys that 0004's downgrade puts back.
         with engine.begin() as conn:
             for table in ("answers", "assignments", "qualification_attempts", "workers"):
+                conn.exec_driver_sql(f"DELETE FROM {table}")
+        engine.dispose()
+        migrate.downgrade(empty_url, "base")
+
+
+def test_0006_moves_hit_questions_onto_their_hits_and_back(empty_url):
+    """A HIT's question rows become its arrays in position order, with new public ids (the HIT's
+    own plus the position) that its payload names; answers name positions; a cluster lists the
+    HITs holding its samples; qualification questions stay rows. The downgrade restores rows with
+    the same public ids, and answers naming them."""
+    migrate.upgrade(empty_url, "0005")
+    engine = make_engine(empty_url)
+    postgres = empty_url.startswith("postgresql")
+    # (id, position, kind, status, cluster, tree, leaf, gold item), stored out of order.
+    questions = [
+        (11, 2, "sample", "answered", 5, 3, 40, None),
+        (12, 0, "gold", "answered", None, None, None, 7),
+        (13, 1, "sample", "discarded", 5, 3, 41, None),
+    ]
+    old_ids = {11: "q-eleven", 12: "q-twelve", 13: "q-thirteen"}
+    payload = json.dumps(
+        [
+            {"class_name": "chair", "id": old_ids[qid], "image_url": f"/media/q/{old_ids[qid]}.jpg"}
+            for qid, *_ in sorted(questions, key=lambda q: q[1])
+        ]
+    )
+
+    def run(conn, sql: str, *rows: tuple) -> None:
+        for row in rows or ((),):
+            conn.exec_driver_sql(sql if postgres else sql.replace("%s", "?"), row)
+
+    try:
+        with engine.begin() as conn:
+            run(conn, "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES (1, 'k', 'p', 'h')")
+            run(
+                conn, "INSERT INTO projects (id, api_key_id, name, params) VALUES (1, 1, 'p', '{}')"
+            )
+            run(conn, "INSERT INTO project_classes (id, project_id, name) VALUES (1, 1, 'chair')")
+            run(
+                conn,
+                "INSERT INTO rounds (id, project_id, number, status) VALUES (1, 1, 1, 'ready')",
+            )
+            run(
+                conn,
+                "INSERT INTO trees (id, project_id, round_id, class_id, uri, mask_count) "
+                "VALUES (3, 1, 1, 1, 'file:///t', 100)",
+            )
+            run(
+                conn,
+                "INSERT INTO clusters (id, project_id, tree_id, node, lo, hi, size, score, state, "
+                "yes_count, no_count) VALUES (5, 1, 3, 9, 40, 50, 10, 0.9, 'active', 1, 0)",
+            )
+            run(
+                conn,
+                "INSERT INTO hits (id, campaign_id, status, cost_micros, max_assignments, "
+                "lease_seconds, payload) VALUES (1, 1, 'completed', 0, 1, 900, %s), "
+                "(2, 1, 'open', 0, 1, 900, '[]')",
+                (payload,),
+            )
+            run(
+                conn,
+                "INSERT INTO questions (id, public_id, kind, status, hit_id, position, cluster_id, "
+                "tree_id, leaf_pos, gold_item_id) VALUES (%s, %s, %s, %s, 1, %s, %s, %s, %s, %s)",
+                *[(q[0], old_ids[q[0]], q[2], q[3], q[1], *q[4:]) for q in questions],
+            )
+            run(
+                conn,
+                "INSERT INTO questions (id, public_id, kind, status, position, gold_item_id) "
+                "VALUES (20, 'qualification-one', 'qualification', 'open', 0, 7)",
+            )
+            run(
+                conn,
+                "INSERT INTO assignments (id, hit_id, worker_id, public_id, status, "
+                "lease_expires_at, gold_correct, gold_total, answer_question_ids, answer_values, "
+                "answer_ms) VALUES (1, 1, 1, 'a1', 'approved', '2030-01-01', 1, 1, %s, %s, %s)",
+                (
+                    [11, 12] if postgres else "[11, 12]",
+                    [True, False] if postgres else "[true, false]",
+                    [900, 800] if postgres else "[900, 800]",
+                ),
+            )
+        migrate.upgrade(empty_url, "0006")
+        with Session(engine) as session:
+            hit = session.get(Hit, 1)
+            assert hit.question_cluster_ids == [None, 5, 5]
+            assert hit.question_tree_ids == [None, 3, 3]
+            assert hit.question_leaf_pos == [None, 41, 40]
+            assert hit.question_gold_item_ids == [7, None, None]
+            assert hit.question_statuses == ["answered", "discarded", "answered"]
+            new_ids = [stored_questions.public_id(hit.public_id, p) for p in range(3)]
+            assert [q["id"] for q in json.loads(hit.payload)] == new_ids
+            assert [q["image_url"] for q in json.loads(hit.payload)] == [
+                f"/media/q/{pid}.jpg" for pid in new_ids
+            ]
+            empty = session.get(Hit, 2)
+            assert empty.question_statuses == [] and empty.public_id != hit.public_id
+            assert len(hit.public_id) == 24
+            assert session.get(Cluster, 5).sample_hit_ids == [1]
+            assignment = session.get(Assignment, 1)
+            assert assignment.answer_positions == [2, 0]
+            assert [q.public_id for q in stored_questions.of_hits(session, [1])[1]] == new_ids
+            rows = session.execute(select(Question.id, Question.public_id)).all()
+            assert [tuple(r) for r in rows] == [(20, "qualification-one")]
+        migrate.downgrade(empty_url, "0005")
+        with engine.connect() as conn:
+            back = conn.exec_driver_sql(
+                "SELECT public_id, kind, status, hit_id, position, cluster_id, tree_id, leaf_pos, "
+                "gold_item_id FROM questions WHERE hit_id IS NOT NULL ORDER BY position"
+            ).all()
+            answered = conn.execute(
+                select(_AS_0005.c.answer_question_ids).where(_AS_0005.c.id == 1)
+            ).scalar_one()
+            by_id = dict(
+                conn.exec_driver_sql("SELECT id, position FROM questions WHERE hit_id = 1").all()
+            )
+        assert [tuple(r) for r in back] == [
+            (new_ids[0], "gold", "answered", 1, 0, None, None, None, 7),
+            (new_ids[1], "sample", "discarded", 1, 1, 5, 3, 41, None),
+            (new_ids[2], "sample", "answered", 1, 2, 5, 3, 40, None),
+        ]
+        assert [by_id[q] for q in answered] == [2, 0]
+    finally:
+        with engine.begin() as conn:
+            for table in ("assignments", "questions", "hits", "clusters", "trees", "rounds"):
+                conn.exec_driver_sql(f"DELETE FROM {table}")
+            for table in ("project_classes", "projects", "api_keys"):
                 conn.exec_driver_sql(f"DELETE FROM {table}")
         engine.dispose()
         migrate.downgrade(empty_url, "base")

@@ -58,6 +58,7 @@ from sqlalchemy import select
 from service import migrate
 from service.auth import create_api_key
 from service.coco import rle_for_pycocotools
+from service.crowd import questions as hit_questions
 from service.db import Database
 from service.engine.treefile import TreeFile, read_tree_file
 from service.models import GoldItem, Question, QuestionKind, Tree
@@ -377,18 +378,19 @@ class Oracle:
     def answers(self, public_ids: list[str]) -> dict[str, bool]:
         out: dict[str, bool] = {}
         with self.database.session() as session:
+            targets: list[tuple[str, QuestionKind, int | None, int | None, bool | None]] = []
             rows = session.execute(
-                select(
-                    Question.public_id,
-                    Question.kind,
-                    Question.tree_id,
-                    Question.leaf_pos,
-                    GoldItem.expected,
-                )
-                .outerjoin(GoldItem, GoldItem.id == Question.gold_item_id)
+                select(Question.public_id, Question.kind, GoldItem.expected)
+                .join(GoldItem, GoldItem.id == Question.gold_item_id)
                 .where(Question.public_id.in_(public_ids))
             ).all()
-            for public_id, kind, tree_id, leaf_pos, expected in rows:
+            targets.extend((pid, QuestionKind(kind), None, None, exp) for pid, kind, exp in rows)
+            found = hit_questions.of_public_ids(session, set(public_ids) - {r[0] for r in rows})
+            expected = hit_questions.expected_answers(session, found.values())
+            targets.extend(
+                (pid, q.kind, q.tree_id, q.leaf_pos, expected.get(q.id)) for pid, q in found.items()
+            )
+            for public_id, kind, tree_id, leaf_pos, expected in targets:
                 if kind is not QuestionKind.SAMPLE:
                     out[public_id] = bool(expected)
                     continue

@@ -6,10 +6,10 @@ idempotent (cached overlays are skipped) and reads each tree file once per run (
 tree order). The database session is closed before the rendering itself.
 
 Entry points: :func:`render_questions` for direct calls and RQ's plain dotted-name enqueueing;
-:func:`render_job` (questions by id) and :func:`render_hits_job` (every question of some HITs) for
-:mod:`service.jobs`, which passes a :class:`JobContext`. The HIT builder records a
-``render_hits_job`` for every batch it builds (:mod:`service.crowd.hits`): a batch's question ids
-are not read back when it is inserted, its HIT ids are.
+:func:`render_job` (qualification questions, rows of ``questions``, by id) and
+:func:`render_hits_job` (every question of some HITs, arrays of their rows since migration 0006)
+for :mod:`service.jobs`, which passes a :class:`JobContext`. The HIT builder records a
+``render_hits_job`` for every batch it builds (:mod:`service.crowd.hits`).
 
 A question that cannot be rendered (a missing tree file or image) is counted and logged, once per
 distinct reason: a batch whose tree file is gone must not print a warning per question.
@@ -23,8 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from service.crowd import questions as hit_questions
 from service.db import Database
 from service.jobs import JobContext
 from service.models import Question
@@ -82,9 +84,14 @@ def render_overlays(
     question_ids: list[int],
     progress: Callable[[float, str], None] | None = None,
 ) -> RenderReport:
-    """Render and store the overlays of ``question_ids`` that are not cached yet."""
+    """Render and store the overlays of the qualification questions ``question_ids`` (rows of
+    ``questions``) that are not cached yet."""
     ids = _check_ids(question_ids)
-    report = _render(database, storage, settings, Question.id.in_(ids), progress)
+
+    def load(session: Session) -> list[Any]:
+        return list(session.scalars(select(Question).where(Question.id.in_(ids))).all())
+
+    report = _render(database, storage, settings, load, progress)
     # Every question found ends rendered, cached or failed; the rest of the ids were not found.
     report.missing = len(ids) - (report.rendered + report.cached + report.failed)
     return report
@@ -100,25 +107,30 @@ def render_hits(
     """Render and store the overlays of every question of ``hit_ids`` not cached yet (samples,
     hidden gold: a worker's page shows them all alike)."""
     ids = _check_ids(hit_ids, "hit_ids", MAX_HITS_PER_JOB)
-    return _render(database, storage, settings, Question.hit_id.in_(ids), progress)
+
+    def load(session: Session) -> list[Any]:
+        return [q for qs in hit_questions.of_hits(session, ids).values() for q in qs]
+
+    return _render(database, storage, settings, load, progress)
 
 
 def _render(
     database: Database,
     storage: Storage,
     settings: Settings,
-    which: ColumnElement[bool],
+    load: Callable[[Session], list[Any]],
     progress: Callable[[float, str], None] | None,
 ) -> RenderReport:
-    """Render the overlays of the questions ``which`` selects; ``missing`` is the caller's."""
+    """Render the overlays of the questions ``load`` reads; ``missing`` is the caller's."""
     report = RenderReport()
     failures: Counter[str] = Counter()
     todo: list[tuple[str, str, dict[str, Any]]] = []  # (key, image uri, rle)
     trees = TreeFileCache()
     with database.session() as session:
-        questions = session.scalars(
-            select(Question).where(which).order_by(Question.tree_id, Question.leaf_pos, Question.id)
-        ).all()
+        # Tree order, so each tree file is read once.
+        questions = sorted(
+            load(session), key=lambda q: (q.tree_id or 0, q.leaf_pos or 0, q.gold_item_id or 0)
+        )
         planned: set[str] = set()
         for question in questions:
             key = overlay_key(question)

@@ -5,7 +5,7 @@ Everything here works on a SQLAlchemy :class:`~sqlalchemy.orm.Session` and never
 money and propagation land atomically or not at all.
 
 Hot paths are written as set-based SQL (one UPDATE ... RETURNING instead of a loop of row updates,
-one multi-row INSERT for a HIT's questions, a HIT's answers as arrays of its assignment row) because
+a HIT's questions as arrays of its row, its answers as arrays of its assignment's) because
 the service must sustain hundreds of HIT cycles per second on a small machine.
 
 :class:`CrowdParams` holds the per-campaign knobs of the crowd protocol (a campaign's ``params``

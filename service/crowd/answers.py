@@ -10,6 +10,10 @@ appends, a discard marks), so an answer is stored once per (assignment, question
 is lost; on PostgreSQL the lock returns the row's newest version even to a statement whose
 snapshot is older. Discards lock the rows they change in id order. The qualification test's
 answers are rows of ``answers`` (:class:`service.models.Answer`).
+
+The rows name each answer's question by its position in the HIT (migration 0006); in Python an
+answer carries the question's id (:func:`service.crowd.questions.question_id`), made from the
+assignment's HIT when the arrays are read.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import NamedTuple
 from sqlalchemy import ColumnElement, bindparam, select, update
 from sqlalchemy.orm import Session
 
+from service.crowd.questions import MAX_PER_HIT, question_id
 from service.models import Assignment
 
 __all__ = [
@@ -39,7 +44,7 @@ _AS = Assignment.__table__
 
 #: The four array columns, in :meth:`AnswerSet.of`'s order.
 COLUMNS = (
-    _AS.c.answer_question_ids,
+    _AS.c.answer_positions,
     _AS.c.answer_values,
     _AS.c.answer_ms,
     _AS.c.answer_discard_reasons,
@@ -68,13 +73,14 @@ class AnswerSet:
     discard_reasons: tuple[str | None, ...] | None = None
 
     @classmethod
-    def of(cls, row: Sequence) -> AnswerSet:
-        """From the four :data:`COLUMNS` as read (``NULL`` arrays: no answer yet)."""
-        qids, values, ms, reasons = row
-        if not qids:
+    def of(cls, hit_id: int, row: Sequence) -> AnswerSet:
+        """From the four :data:`COLUMNS` as read for an assignment of HIT ``hit_id`` (``NULL``
+        arrays: no answer yet)."""
+        positions, values, ms, reasons = row
+        if not positions:
             return cls()
         return cls(
-            tuple(int(q) for q in qids),
+            tuple(question_id(hit_id, int(p)) for p in positions),
             tuple(bool(v) for v in values),
             tuple(int(m) for m in ms),
             None if reasons is None else tuple(reasons),
@@ -117,7 +123,7 @@ class AnswerSet:
     def columns(self) -> dict[str, list | None]:
         """The row's values for an UPDATE of :data:`COLUMNS`."""
         return {
-            "answer_question_ids": list(self.question_ids),
+            "answer_positions": [q & (MAX_PER_HIT - 1) for q in self.question_ids],
             "answer_values": list(self.values),
             "answer_ms": list(self.ms),
             "answer_discard_reasons": (
@@ -141,10 +147,10 @@ def load(
     ids = sorted(set(assignment_ids))
     if not ids:
         return {}
-    query = select(_AS.c.id, *COLUMNS).where(_AS.c.id.in_(ids)).order_by(_AS.c.id)
+    query = select(_AS.c.id, _AS.c.hit_id, *COLUMNS).where(_AS.c.id.in_(ids)).order_by(_AS.c.id)
     if lock:
         query = query.with_for_update()
-    return {int(row[0]): AnswerSet.of(row[1:]) for row in session.execute(query).all()}
+    return {int(row[0]): AnswerSet.of(int(row[1]), row[2:]) for row in session.execute(query).all()}
 
 
 class HitAnswers(NamedTuple):
@@ -160,10 +166,12 @@ def where(session: Session, *conditions: ColumnElement[bool]) -> list[HitAnswers
     """Every assignment matching ``conditions`` that has answers, in id order."""
     rows = session.execute(
         select(_AS.c.id, _AS.c.hit_id, _AS.c.worker_id, *COLUMNS)
-        .where(*conditions, _AS.c.answer_question_ids.is_not(None))
+        .where(*conditions, _AS.c.answer_positions.is_not(None))
         .order_by(_AS.c.id)
     ).all()
-    return [HitAnswers(int(r[0]), int(r[1]), int(r[2]), AnswerSet.of(r[3:])) for r in rows]
+    return [
+        HitAnswers(int(r[0]), int(r[1]), int(r[2]), AnswerSet.of(int(r[1]), r[3:])) for r in rows
+    ]
 
 
 def of_hits(session: Session, hit_ids: Iterable[int]) -> list[HitAnswers]:

@@ -31,12 +31,11 @@ from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from service.crowd import answers as stored_answers
+from service.crowd import questions as hit_questions
 from service.engine.policy import Action, PolicyParams, auto_action, decide
 from service.models import (
     Cluster,
     ClusterState,
-    GoldItem,
-    Question,
     QuestionKind,
     QuestionStatus,
 )
@@ -63,8 +62,6 @@ __all__ = [
 ]
 
 _CL = Cluster.__table__
-_Q = Question.__table__
-_G = GoldItem.__table__
 
 #: Where each policy action leaves a cluster.
 STATE_OF_ACTION: dict[Action, ClusterState] = {
@@ -236,13 +233,6 @@ class QuestionVotes:
     votes: list[Vote]
 
 
-_HIT_QUESTIONS = (
-    select(_Q.c.id, _Q.c.kind, _Q.c.cluster_id, _G.c.expected)
-    .select_from(_Q.outerjoin(_G, _G.c.id == _Q.c.gold_item_id))
-    .where(_Q.c.hit_id == bindparam("hid"), _Q.c.status == QuestionStatus.OPEN)
-)
-
-
 def hit_votes(session: Session, hit_id: int) -> dict[int, QuestionVotes]:
     """The still-open questions of a HIT with their valid (non-discarded) answers, from every
     assignment of the HIT.
@@ -250,10 +240,13 @@ def hit_votes(session: Session, hit_id: int) -> dict[int, QuestionVotes]:
     Quality control reads its per-assignment gold score and speed from the same votes, so a HIT's
     completion costs one read of its answers.
     """
-    out = {
-        int(qid): QuestionVotes(cluster_id, QuestionKind(kind), expected, [])
-        for qid, kind, cluster_id, expected in session.execute(_HIT_QUESTIONS, {"hid": hit_id})
-    }
+    questions = [
+        q
+        for q in hit_questions.of_hits(session, [hit_id]).get(hit_id, [])
+        if q.status is QuestionStatus.OPEN
+    ]
+    expected = hit_questions.expected_answers(session, questions)
+    out = {q.id: QuestionVotes(q.cluster_id, q.kind, expected.get(q.id), []) for q in questions}
     for assignment in stored_answers.of_hits(session, [hit_id]):
         for answer in assignment.answers.valid():
             entry = out.get(answer.question_id)
@@ -324,16 +317,9 @@ def aggregate_hit(
     return deltas
 
 
-_SET_STATUS = (
-    update(_Q)
-    .where(_Q.c.id.in_(bindparam("ids", expanding=True)))
-    .values(status=bindparam("new_status"))
-)
-
-
 def _set_status(session: Session, question_ids: list[int], status: QuestionStatus) -> None:
     if question_ids:
-        session.execute(_SET_STATUS, {"ids": question_ids, "new_status": status.value})
+        hit_questions.set_statuses(session, dict.fromkeys(question_ids, status))
 
 
 def discard_answers(
@@ -453,24 +439,19 @@ def ancestors(session: Session | Connection, cluster_ids: Sequence[int]) -> dict
     return dict(out)
 
 
-_ANSWERED_SAMPLES = select(_Q.c.id, _Q.c.leaf_pos, _Q.c.hit_id).where(
-    _Q.c.cluster_id.in_(bindparam("ids", expanding=True)),
-    _Q.c.status == QuestionStatus.ANSWERED,
-    _Q.c.kind == QuestionKind.SAMPLE,
-    _Q.c.leaf_pos >= bindparam("lo"),
-    _Q.c.leaf_pos < bindparam("hi"),
-)
-
-
 def _known_answers(session: Session | Connection, parent: ClusterRow) -> list[tuple[int, bool]]:
     """``(leaf_pos, label)`` of every answered sample question of ``parent`` and its ancestors
     inside ``parent``'s range: what its children may inherit. An answered question's valid
     answers all carry its label (the module docstring's counting rule)."""
     ids = [parent.id, *ancestors(session, [parent.id]).get(parent.id, [])]
-    rows = session.execute(_ANSWERED_SAMPLES, {"ids": ids, "lo": parent.lo, "hi": parent.hi}).all()
-    position = {int(qid): int(pos) for qid, pos, _ in rows}
+    rows = [
+        q
+        for q in hit_questions.of_clusters(session, ids)
+        if q.status is QuestionStatus.ANSWERED and parent.lo <= q.leaf_pos < parent.hi
+    ]
+    position = {q.id: int(q.leaf_pos) for q in rows}
     labels: dict[int, bool] = {}
-    for assignment in stored_answers.of_hits(session, {int(hit) for _, _, hit in rows}):
+    for assignment in stored_answers.of_hits(session, {q.hit_id for q in rows}):
         for answer in assignment.answers.valid():
             pos = position.get(answer.question_id)
             if pos is not None:

@@ -47,6 +47,7 @@ from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from service.crowd import MAX_BATCH_HITS, CrowdParams
+from service.crowd import questions as hit_questions
 from service.crowd.decisions import (
     UNDECIDED,
     ClusterRow,
@@ -113,7 +114,7 @@ ok AS (
     WHERE qualified AND NOT blocked AND project_id IS NOT NULL
 ),
 mine AS (
-    SELECT a.id, a.public_id, a.hit_id, a.lease_expires_at, a.answer_question_ids
+    SELECT a.id, a.public_id, a.hit_id, a.lease_expires_at, a.answer_positions
     FROM assignments a JOIN ok ON a.worker_id = ok.id
     WHERE a.status = 'claimed'
     ORDER BY a.id LIMIT 1
@@ -160,9 +161,8 @@ SELECT w.id, w.project_id, w.backend, w.qualified, w.blocked, w.blocked_reason,
     mine.public_id,
     mine.lease_expires_at,
     (SELECT payload FROM hits WHERE id = mine.hit_id),
-    (SELECT coalesce(array_agg(q.public_id ORDER BY q.position), '{}')
-     FROM questions q
-     WHERE q.hit_id = mine.hit_id AND q.id = ANY(mine.answer_question_ids)),
+    (SELECT public_id FROM hits WHERE id = mine.hit_id),
+    mine.answer_positions,
     (SELECT lease_expires_at FROM taken),
     (SELECT payload FROM hits WHERE id = (SELECT id FROM pick)),
     (SELECT campaign_id FROM pick),
@@ -218,11 +218,13 @@ def claim(
     if row is None:
         return ClaimOutcome(None, None)
     (wid, project_id, backend, qualified, blocked, reason, lapsed) = row[:7]
-    (mine_public_id, mine_lease, mine_payload, answered, lease, payload) = row[7:13]
-    campaign_id, params, open_hits, build_free = row[13:]
+    (mine_public_id, mine_lease, mine_payload, mine_hit_public_id, answered) = row[7:12]
+    (lease, payload, campaign_id, params, open_hits, build_free) = row[12:]
     worker = WorkerRow(wid, project_id, Backend(backend), qualified, blocked, reason)
     if mine_public_id is not None and not lapsed:
-        resumed = Claim(mine_public_id, _utc(mine_lease), mine_payload, list(answered))
+        given = sorted(answered or ())
+        answered_ids = [hit_questions.public_id(mine_hit_public_id, p) for p in given]
+        resumed = Claim(mine_public_id, _utc(mine_lease), mine_payload, answered_ids)
         return ClaimOutcome(worker, resumed)
     if lease is None:
         return ClaimOutcome(worker, None)
@@ -255,7 +257,7 @@ WITH a AS (
         c.id AS campaign_id, c.project_id, c.round_id, c.backend, c.status AS campaign_status,
         c.reward_per_hit_micros, c.questions_per_hit, c.gold_per_hit, c.assignments_per_hit,
         c.params::text AS crowd_params, p.params::text AS policy_params,
-        a.answer_question_ids, a.answer_values, a.answer_ms
+        a.answer_positions, a.answer_values, a.answer_ms
     FROM assignments a
     JOIN workers w ON w.id = a.worker_id
     JOIN hits h ON h.id = a.hit_id
@@ -269,24 +271,22 @@ SELECT a.id, a.hit_id, a.status, a.lease_expires_at, a.max_assignments,
     a.campaign_id, a.project_id, a.round_id, a.backend, a.campaign_status,
     a.reward_per_hit_micros, a.questions_per_hit, a.gold_per_hit, a.assignments_per_hit,
     a.crowd_params, a.policy_params,
-    a.answer_question_ids, a.answer_values, a.answer_ms,
-    q.ids, q.public_ids, q.kinds, q.statuses, q.cluster_ids, q.expected
-FROM a, LATERAL (
-    SELECT array_agg(q.id) AS ids, array_agg(q.public_id) AS public_ids,
-        array_agg(q.kind) AS kinds, array_agg(q.status) AS statuses,
-        array_agg(q.cluster_id) AS cluster_ids, array_agg(g.expected) AS expected
-    FROM questions q
-    LEFT JOIN gold_items g ON g.id = q.gold_item_id
-    WHERE q.hit_id = a.hit_id
-) q
+    a.answer_positions, a.answer_values, a.answer_ms,
+    h.public_id, h.question_statuses, h.question_cluster_ids,
+    -- Gold questions' known answers, by position (NULL for samples).
+    (SELECT array_agg(g.expected ORDER BY u.n)
+     FROM unnest(h.question_gold_item_ids) WITH ORDINALITY AS u(gold_item_id, n)
+     LEFT JOIN gold_items g ON g.id = u.gold_item_id),
+    h.question_gold_item_ids
+FROM a JOIN hits h ON h.id = a.hit_id
 """
 
 
 # The new answers, appended to the assignment's arrays (the row is locked by ``_LOCK_AND_READ``
 # and nothing in ``qids`` is stored yet).
 _APPEND = """
-    answer_question_ids = coalesce(answer_question_ids, '{}')
-        || string_to_array(%(qids)s, ',')::integer[],
+    answer_positions = coalesce(answer_positions, '{}')
+        || string_to_array(%(positions)s, ',')::integer[],
     answer_values = coalesce(answer_values, '{}') || string_to_array(%(vals)s, ',')::boolean[],
     answer_ms = coalesce(answer_ms, '{}') || string_to_array(%(ms)s, ',')::integer[]
 """
@@ -304,7 +304,11 @@ WITH judged AS (
     RETURNING id
 ),
 done AS (
-    UPDATE hits SET status = 'completed'
+    -- Its open questions are answered now (the only assignment's answers are their labels).
+    UPDATE hits SET status = 'completed',
+        question_statuses = ARRAY(
+            SELECT CASE WHEN s = 'open' THEN 'answered' ELSE s END
+            FROM unnest(question_statuses) WITH ORDINALITY AS x(s, n) ORDER BY n)
     WHERE id = %(hit_id)s::integer AND EXISTS (SELECT 1 FROM judged)
     RETURNING id
 ),
@@ -314,15 +318,10 @@ scored AS (
     WHERE id = %(worker_id)s::integer AND EXISTS (SELECT 1 FROM done)
     RETURNING gold_correct, gold_total
 ),
-closed AS (
-    UPDATE questions SET status = 'answered'
-    WHERE hit_id = %(hit_id)s::integer AND status = 'open' AND EXISTS (SELECT 1 FROM scored)
-    RETURNING 1
-),
 locked AS (
     SELECT id FROM clusters
     WHERE id = ANY(string_to_array(%(cids)s, ',')::integer[])
-        AND (SELECT count(*) FROM closed) >= 0
+        AND EXISTS (SELECT 1 FROM scored)
     ORDER BY id
     FOR UPDATE
 ),
@@ -341,8 +340,7 @@ counted AS (
     RETURNING c.id, c.tree_id, c.parent_id, c.lo, c.hi, c.size, c.score, c.state,
         c.yes_count, c.no_count, c.open_questions
 )
-SELECT (SELECT count(*) FROM closed),
-    (SELECT gold_correct FROM scored), (SELECT gold_total FROM scored),
+SELECT (SELECT gold_correct FROM scored), (SELECT gold_total FROM scored),
     (SELECT json_agg(json_build_array(id, tree_id, parent_id, lo, hi, size, score, state,
                                       yes_count, no_count, open_questions))
      FROM counted),
@@ -405,8 +403,8 @@ def _campaign(row: Sequence[Any]) -> CampaignInfo:
 
 
 _OPEN = QuestionStatus.OPEN.value
-#: Stored value -> kind, a dict lookup per question instead of the enum's constructor call.
-_KINDS = {kind.value: kind for kind in QuestionKind}
+_SAMPLE, _GOLD = QuestionKind.SAMPLE, QuestionKind.GOLD
+_CODES = [hit_questions.position_code(i) for i in range(hit_questions.MAX_PER_HIT)]
 
 
 class _Question(NamedTuple):
@@ -414,6 +412,7 @@ class _Question(NamedTuple):
     cheaper to make than a frozen dataclass)."""
 
     id: int
+    position: int
     kind: QuestionKind
     open: bool
     cluster_id: int | None
@@ -457,15 +456,24 @@ def submit(
     worker_id, worker_correct, worker_total, worker_blocked = head[5:9]
     status = AssignmentStatus(status)
     refuse_lapsed_lease(status, lease, now)
-    given_ids, given_values, given_ms = head[20:23]
+    given_positions, given_values, given_ms = head[20:23]
     given = {}
-    if given_ids is not None:
-        given = dict(zip(given_ids, zip(given_values, given_ms, strict=True), strict=True))
+    if given_positions is not None:
+        given = dict(zip(given_positions, zip(given_values, given_ms, strict=True), strict=True))
+    hit_public_id, statuses, cluster_ids, expected, gold_ids = head[23:]
     questions: dict[str, _Question] = {}
-    columns = (column or () for column in head[23:])  # NULL arrays: a HIT without questions
-    for qid, pid, kind, qstatus, cluster_id, expected in zip(*columns, strict=True):
-        questions[pid] = _Question(
-            qid, _KINDS[kind], qstatus == _OPEN, cluster_id, expected, given.get(qid)
+    first = hit_id << hit_questions.POSITION_BITS
+    for position, (qstatus, cluster_id, known, gold_id) in enumerate(
+        zip(statuses, cluster_ids, expected or (), gold_ids, strict=True)
+    ):
+        questions[hit_public_id + _CODES[position]] = _Question(
+            first | position,
+            position,
+            _SAMPLE if gold_id is None else _GOLD,
+            qstatus == _OPEN,
+            cluster_id,
+            known,
+            given.get(position),
         )
     refuse_unknown_questions(answers, questions)
     if status is not AssignmentStatus.CLAIMED:
@@ -480,7 +488,7 @@ def submit(
         "worker_id": worker_id,
         # A HIT's answers travel as three comma-separated strings: joining them is C code, where
         # psycopg's array dumper would loop over 55 values in Python for each array.
-        "qids": _joined(questions[pid].id for pid in new),
+        "positions": _joined(questions[pid].position for pid in new),
         "vals": ",".join("t" if v else "f" for v, _ in new.values()),
         "ms": ",".join(str(m) for _, m in new.values()),
     }
@@ -573,7 +581,7 @@ def _complete(
         dn=_joined(deltas[c][1] for c in cids),
         dc=_joined(deltas[c][2] for c in cids),
     )
-    _, _, worker_total, counted, _ = _run(conn, _COMPLETE, params).fetchone()
+    _, worker_total, counted, _ = _run(conn, _COMPLETE, params).fetchone()
     if worker_total is None:
         raise Fallback("the assignment changed under the submission")
     changed, splits = _decide(counted or [], campaign.policy)

@@ -4,8 +4,10 @@ Building (:func:`build_hits`): the highest-score ``candidate`` clusters of the c
 are locked with ``SELECT ... FOR UPDATE SKIP LOCKED`` (concurrent builders take disjoint clusters
 and never wait on each other), the policy says how many more answers each needs, fresh leaf
 positions are sampled, the samples are shuffled within groups of ``hits_per_build`` HITs of
-``questions_per_hit`` and dealt into them, hidden gold is added to each, every question gets a
-random public id, the payload a worker will receive is serialised onto the HIT, the batch's render
+``questions_per_hit`` and dealt into them, hidden gold is added to each, every HIT gets a random
+public id (its questions' public ids are it plus their positions), the HITs are inserted with
+their questions as arrays of their rows (:mod:`service.crowd.questions`) and the payload a worker
+will receive serialised onto them, the batch's render
 job is recorded (it pre-renders the overlays the questions show; dispatched to the job runner once
 the caller commits) and the HITs' cost is reserved -- all in one savepoint, so a HIT exists exactly
 when its money is reserved. The reservation is the last statement, so the hot campaign row is
@@ -24,7 +26,8 @@ Expired leases hand their HIT back: swept on every claim, and by :func:`sweep`, 
 job calls (it also retires HITs past their lifetime).
 
 Answering (:func:`record_answers`): the assignment row locked with its answers
-(:mod:`service.crowd.answers`), one read of the HIT's questions, one update of the row; quality
+(:mod:`service.crowd.answers`), one read of the HIT's questions (arrays of its row), one update
+of the row; quality
 control and decisions follow in
 :mod:`service.crowd.quality` when the assignment is complete.
 
@@ -59,6 +62,7 @@ from sqlalchemy.orm import Session
 
 from service.crowd import CrowdError, CrowdParams, money
 from service.crowd import answers as stored_answers
+from service.crowd import questions as hit_questions
 from service.crowd.decisions import (
     CLUSTER_COLUMNS,
     ClusterRow,
@@ -86,7 +90,6 @@ from service.models import (
     JobStatus,
     Project,
     ProjectClass,
-    Question,
     QuestionKind,
     QuestionStatus,
     Tree,
@@ -131,7 +134,6 @@ _C = Campaign.__table__
 _P = Project.__table__
 _H = Hit.__table__
 _AS = Assignment.__table__
-_Q = Question.__table__
 _CL = Cluster.__table__
 _G = GoldItem.__table__
 _T = Tree.__table__
@@ -215,14 +217,14 @@ _RANDOM_CHARS = _RANDOM_BYTES // 3 * 4
 
 
 def new_public_ids(count: int) -> list[str]:
-    """``count`` public ids of 24 URL-safe characters.
+    """``count`` public ids of 24 URL-safe characters (a build's HITs, a claim's assignment).
 
     Each starts with the current millisecond (big-endian, the first 8 characters), so the ids made
     at about the same time sit together in the unique indexes instead of at random places in
-    them: a HIT batch's 880 question inserts touch a few index pages, not 880
-    (``scripts/bench_question_indexes.py`` measures the index's cost per batch). The clock says
-    only when a HIT was built, the same for all its questions, gold or not; their order in the HIT
-    is shuffled before ids are given out, so ids reveal nothing the payload does not."""
+    them (``scripts/bench_question_indexes.py`` measured what that saved when every question had
+    an id of its own, before migration 0006). The clock says only when a HIT was built; a
+    question's public id is its HIT's plus its position, and the positions are shuffled before
+    the HIT is stored, so ids reveal nothing the payload does not."""
     clock = (time.time_ns() // 1_000_000).to_bytes(_CLOCK_BYTES, "big")
     prefix = base64.urlsafe_b64encode(clock).decode("ascii")
     random = base64.urlsafe_b64encode(secrets.token_bytes(_RANDOM_BYTES * count)).decode("ascii")
@@ -376,12 +378,12 @@ class _Sample(NamedTuple):
 
 
 class _NewHit(NamedTuple):
-    """A HIT being built: its questions column by column, in the HIT's order (a question's
-    position is its index), and the payload its worker will receive. A build makes hundreds of
-    questions: columns cost less than a tuple per question, and they are what the insert sends."""
+    """A HIT being built: its public id, its questions column by column, in the HIT's order (a
+    question's position is its index), and the payload its worker will receive. A build makes
+    hundreds of questions: columns cost less than a tuple per question, and they are the arrays
+    the insert sends."""
 
-    public_ids: list[str]
-    kinds: list[str]
+    public_id: str
     cluster_ids: list[int | None]
     tree_ids: list[int | None]
     leaf_pos: list[int | None]
@@ -427,10 +429,10 @@ def _asked_positions(
         ancestors(session, [c.id for c in clusters if c.parent_id is not None]) if reuse else {}
     )
     wanted = {c.id for c in clusters}.union(*chains.values())
-    rows = session.execute(_SAMPLES_OF, {"ids": sorted(wanted)}).all()
     by_cluster: dict[int, list[tuple[int, QuestionStatus]]] = {}
-    for cluster_id, pos, status in rows:
-        by_cluster.setdefault(cluster_id, []).append((int(pos), QuestionStatus(status)))
+    for q in hit_questions.of_clusters(session, wanted):
+        if q.status is not QuestionStatus.DISCARDED:
+            by_cluster.setdefault(q.cluster_id, []).append((int(q.leaf_pos), q.status))
     out: dict[int, set[int]] = {}
     for c in clusters:
         taken = {pos for pos, _ in by_cluster.get(c.id, ())}
@@ -518,13 +520,13 @@ def _hit_questions(
     gold: list[tuple[int, str]],
     class_of_tree: dict[int, str],
     rng: np.random.Generator,
+    hit_public_id: str,
 ) -> _NewHit:
-    """One HIT's questions and its payload: samples and gold in a random order, each with a
-    random public id."""
+    """One HIT's questions and its payload: samples and gold in a random order, each with the
+    HIT's public id and its position as public id."""
     blank = [None] * len(gold)
     no_gold = [None] * len(samples)
     columns = (
-        [QuestionKind.SAMPLE.value] * len(samples) + [QuestionKind.GOLD.value] * len(gold),
         [s.cluster_id for s in samples] + blank,
         [s.tree_id for s in samples] + blank,
         [s.leaf_pos for s in samples] + blank,
@@ -532,12 +534,15 @@ def _hit_questions(
         [class_of_tree[s.tree_id] for s in samples] + [name for _, name in gold],
     )
     order = rng.permutation(len(columns[0])).tolist()
-    kinds, cluster_ids, tree_ids, leaf_pos, gold_ids, names = (
+    cluster_ids, tree_ids, leaf_pos, gold_ids, names = (
         [column[i] for i in order] for column in columns
     )
-    ids = new_public_ids(len(order))
+    ids = [hit_public_id + code for code in _POSITION_CODES[: len(order)]]
     payload = encode_payload(list(zip(ids, names, strict=True)))
-    return _NewHit(ids, kinds, cluster_ids, tree_ids, leaf_pos, gold_ids, payload)
+    return _NewHit(hit_public_id, cluster_ids, tree_ids, leaf_pos, gold_ids, payload)
+
+
+_POSITION_CODES = [hit_questions.position_code(i) for i in range(hit_questions.MAX_PER_HIT)]
 
 
 def build_hits(
@@ -669,16 +674,22 @@ def _build_in_savepoint(
     )
     gold_pool = _gold_pool(session, campaign)
     hits: list[_NewHit] = []
-    for chunk in chunks:
+    hit_public_ids = new_public_ids(len(chunks))
+    for chunk, hit_public_id in zip(chunks, hit_public_ids, strict=True):
         take = min(campaign.gold_per_hit, len(gold_pool))
         gold = [gold_pool[i] for i in rng.choice(len(gold_pool), size=take, replace=False)]
-        hits.append(_hit_questions(chunk, gold, class_of_tree, rng))
-    hit_ids = _insert_hits(session, campaign, [hit.payload for hit in hits], now)
-    _insert_questions(session, hits, hit_ids)
+        hits.append(_hit_questions(chunk, gold, class_of_tree, rng, hit_public_id))
+    hit_ids = _insert_hits(session, campaign, hits, now)
     opened: dict[int, int] = {}
-    for sample in plan.samples:
-        opened[sample.cluster_id] = opened.get(sample.cluster_id, 0) + 1
-    _open_questions(session, opened)
+    holders: dict[int, list[int]] = {}
+    for hit, hit_id in zip(hits, hit_ids, strict=True):
+        for cluster_id in hit.cluster_ids:
+            if cluster_id is not None:
+                opened[cluster_id] = opened.get(cluster_id, 0) + 1
+                held = holders.setdefault(cluster_id, [])
+                if not held or held[-1] != hit_id:
+                    held.append(hit_id)
+    _open_questions(session, opened, holders)
     if render:
         _record_render_job(session, campaign, hit_ids)
     if not money.reserve(
@@ -688,26 +699,46 @@ def _build_in_savepoint(
     return hit_ids
 
 
+_PG_OPEN_QUESTIONS = (
+    "UPDATE clusters c SET state = 'active', open_questions = c.open_questions + d.k, "
+    "sample_hit_ids = coalesce(c.sample_hit_ids, '{}') || string_to_array(d.hits, ',')::integer[] "
+    "FROM unnest(%(ids)b::integer[], %(ks)b::integer[], %(hits)b::text[]) AS d(id, k, hits) "
+    "WHERE c.id = d.id"
+)
+_SAMPLE_HITS = select(_CL.c.id, _CL.c.sample_hit_ids).where(
+    _CL.c.id.in_(bindparam("ids", expanding=True))
+)
 _OPEN_QUESTIONS = (
     update(_CL)
     .where(_CL.c.id == bindparam("cid"))
-    .values(state=ClusterState.ACTIVE, open_questions=_CL.c.open_questions + bindparam("k"))
-)
-_PG_OPEN_QUESTIONS = (
-    "UPDATE clusters c SET state = 'active', open_questions = c.open_questions + d.k "
-    "FROM unnest(%(ids)b::integer[], %(ks)b::integer[]) AS d(id, k) WHERE c.id = d.id"
+    .values(
+        state=ClusterState.ACTIVE,
+        open_questions=_CL.c.open_questions + bindparam("k"),
+        sample_hit_ids=bindparam("hits"),
+    )
 )
 
 
-def _open_questions(session: Session, opened: dict[int, int]) -> None:
-    """Clusters that got questions become ``active`` with that many more open questions (their
-    rows are already locked by :func:`_candidates`). One statement on PostgreSQL."""
+def _open_questions(
+    session: Session, opened: dict[int, int], holders: dict[int, list[int]]
+) -> None:
+    """Clusters that got questions become ``active`` with that many more open questions, and
+    list the HITs that hold them (their rows are already locked by :func:`_candidates`). One
+    statement on PostgreSQL."""
     ids = sorted(opened)
     if _postgres(session):
-        params = {"ids": ids, "ks": [opened[i] for i in ids]}
+        params = {
+            "ids": ids,
+            "ks": [opened[i] for i in ids],
+            "hits": [",".join(map(str, holders[i])) for i in ids],
+        }
         driver_connection(session).execute(_PG_OPEN_QUESTIONS, params, prepare=True, binary=True)
-    else:
-        session.execute(_OPEN_QUESTIONS, [{"cid": i, "k": opened[i]} for i in ids])
+        return
+    known = dict(session.execute(_SAMPLE_HITS, {"ids": ids}).all())
+    session.execute(
+        _OPEN_QUESTIONS,
+        [{"cid": i, "k": opened[i], "hits": (known.get(i) or []) + holders[i]} for i in ids],
+    )
 
 
 def _finish_if_done(session: Session, campaign: CampaignInfo) -> None:
@@ -877,17 +908,7 @@ class Claim:
         )
 
 
-_SAMPLES_OF = select(_Q.c.cluster_id, _Q.c.leaf_pos, _Q.c.status).where(
-    _Q.c.cluster_id.in_(bindparam("ids", expanding=True)),
-    _Q.c.kind == QuestionKind.SAMPLE,
-    _Q.c.status != QuestionStatus.DISCARDED,
-)
 _PAYLOAD = select(_H.c.payload).where(_H.c.id == bindparam("hid"))
-_ANSWERED_IDS = (
-    select(_Q.c.public_id)
-    .where(_Q.c.hit_id == bindparam("hid"), _Q.c.id.in_(bindparam("ids", expanding=True)))
-    .order_by(_Q.c.position)
-)
 _LOCK_OPEN_HIT = (
     select(_H.c.id, _H.c.max_assignments, _H.c.lease_seconds, _H.c.payload)
     .where(
@@ -992,10 +1013,11 @@ def _sweep_or_resume(session: Session, worker_id: int, now: datetime) -> Claim |
     mine = next((r for r in rows if r[2] == worker_id and aware(r[4]) >= now), None)
     if mine is None:
         return None
-    given = stored_answers.load(session, [mine[0]])[mine[0]].question_ids
-    answered = session.scalars(_ANSWERED_IDS, {"hid": mine[1], "ids": list(given)}).all()
+    given = set(stored_answers.load(session, [mine[0]])[mine[0]].question_ids)
+    questions = hit_questions.of_hits(session, [mine[1]]).get(mine[1], [])
+    answered = [q.public_id for q in questions if q.id in given]
     payload = session.execute(_PAYLOAD, {"hid": mine[1]}).scalar_one()
-    return Claim(mine[3], aware(mine[4]), payload, list(answered))
+    return Claim(mine[3], aware(mine[4]), payload, answered)
 
 
 def _wait_for_builder(session: Session, campaign_id: int) -> None:
@@ -1068,20 +1090,6 @@ class SubmitResult:
         return {"accepted": self.accepted, "duplicates": self.duplicates, "complete": self.complete}
 
 
-_UNNEST_QUESTIONS = (
-    "INSERT INTO questions "
-    "(public_id, kind, status, hit_id, position, cluster_id, tree_id, leaf_pos, gold_item_id) "
-    "SELECT * FROM unnest("
-    "string_to_array(%(public_id)s, ','), string_to_array(%(kind)s, ','), "
-    "string_to_array(%(status)s, ','), string_to_array(%(hit_id)s, ',')::integer[], "
-    "string_to_array(%(position)s, ',')::integer[], "
-    "string_to_array(%(cluster_id)s, ',', '')::integer[], "
-    "string_to_array(%(tree_id)s, ',', '')::integer[], "
-    "string_to_array(%(leaf_pos)s, ',', '')::bigint[], "
-    "string_to_array(%(gold_item_id)s, ',', '')::integer[])"
-)
-
-
 def _postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
@@ -1094,24 +1102,49 @@ def driver_connection(session: Session) -> psycopg.Connection:
 
 _UNNEST_HITS = """
 INSERT INTO hits
-    (campaign_id, status, cost_micros, max_assignments, lease_seconds, payload, expires_at)
-SELECT %(campaign_id)s, 'open', %(cost)s, %(assignments)s, %(lease)s, payload, %(expires)s
-FROM unnest(%(payloads)b::text[]) WITH ORDINALITY AS t(payload, ord)
+    (campaign_id, status, cost_micros, max_assignments, lease_seconds, payload, expires_at,
+     public_id, question_cluster_ids, question_tree_ids, question_leaf_pos,
+     question_gold_item_ids, question_statuses)
+SELECT %(campaign_id)s, 'open', %(cost)s, %(assignments)s, %(lease)s, payload, %(expires)s,
+    public_id,
+    -- '' is no question or one NULL (both are all NULLs): string_to_array gives '{}' for both.
+    CASE WHEN c = '' THEN array_fill(NULL::integer, ARRAY[n])
+        ELSE string_to_array(c, ',', '')::integer[] END,
+    CASE WHEN t = '' THEN array_fill(NULL::integer, ARRAY[n])
+        ELSE string_to_array(t, ',', '')::integer[] END,
+    CASE WHEN l = '' THEN array_fill(NULL::bigint, ARRAY[n])
+        ELSE string_to_array(l, ',', '')::bigint[] END,
+    CASE WHEN g = '' THEN array_fill(NULL::integer, ARRAY[n])
+        ELSE string_to_array(g, ',', '')::integer[] END,
+    array_fill('open'::text, ARRAY[n])
+FROM unnest(%(payloads)b::text[], %(public_ids)b::text[], %(sizes)b::integer[],
+            %(clusters)b::text[], %(trees)b::text[], %(leaves)b::text[], %(golds)b::text[])
+    WITH ORDINALITY AS x(payload, public_id, n, c, t, l, g, ord)
 ORDER BY ord
 RETURNING id
 """
 
 
+def _joined_column(hits: list[_NewHit], field: str) -> list[str]:
+    """One comma-separated text per HIT for an array column (empty: ``NULL``). Numbers or None:
+    "None" is the only text here with letters, so one replace in C empties it (a per-value Python
+    conditional cost more than the rest of the build)."""
+    return [",".join(map(str, getattr(hit, field))).replace("None", "") for hit in hits]
+
+
 def _insert_hits(
-    session: Session, campaign: CampaignInfo, payloads: list[str], now: datetime
+    session: Session, campaign: CampaignInfo, hits: list[_NewHit], now: datetime
 ) -> list[int]:
-    """Insert a build's HITs, open and priced; their ids in the order of ``payloads``.
+    """Insert a build's HITs, open and priced, with their questions; their ids in the order of
+    ``hits``.
 
     The ids come from the table's sequence, handed out in the order the rows are inserted, so
-    sorting the returned ids gives the payloads' order: the same reliance as SQLAlchemy's
-    ``sort_by_parameter_order``, used on SQLite. On PostgreSQL one prepared statement, the
-    payloads one binary array (no per-character escaping), instead of SQLAlchemy's multi-row
-    statement, whose text psycopg converts afresh on every build."""
+    sorting the returned ids gives the HITs' order: the same reliance as SQLAlchemy's
+    ``sort_by_parameter_order``, used on SQLite. On PostgreSQL one prepared statement: the
+    payloads and public ids as binary text arrays (no per-character escaping), each question
+    array as one comma-separated text per HIT split by the server (no per-value work in the
+    driver), instead of SQLAlchemy's multi-row statement, whose text psycopg converts afresh on
+    every build."""
     lifetime = campaign.crowd.hit_lifetime_seconds
     values = {
         "campaign_id": campaign.id,
@@ -1121,10 +1154,20 @@ def _insert_hits(
         "expires": now + timedelta(seconds=lifetime) if lifetime else None,
     }
     if _postgres(session):
+        arrays = {
+            "payloads": [hit.payload for hit in hits],
+            "public_ids": [hit.public_id for hit in hits],
+            "sizes": [len(hit.cluster_ids) for hit in hits],
+            "clusters": _joined_column(hits, "cluster_ids"),
+            "trees": _joined_column(hits, "tree_ids"),
+            "leaves": _joined_column(hits, "leaf_pos"),
+            "golds": _joined_column(hits, "gold_item_ids"),
+        }
         rows = driver_connection(session).execute(
-            _UNNEST_HITS, dict(values, payloads=payloads), prepare=True
+            _UNNEST_HITS, dict(values, **arrays), prepare=True
         )
         return sorted(row[0] for row in rows)
+    status = QuestionStatus.OPEN.value
     return list(
         session.scalars(
             insert(_H).returning(_H.c.id, sort_by_parameter_order=True),
@@ -1135,77 +1178,19 @@ def _insert_hits(
                     "cost_micros": values["cost"],
                     "max_assignments": values["assignments"],
                     "lease_seconds": values["lease"],
-                    "payload": payload,
+                    "payload": hit.payload,
                     "expires_at": values["expires"],
+                    "public_id": hit.public_id,
+                    "question_cluster_ids": hit.cluster_ids,
+                    "question_tree_ids": hit.tree_ids,
+                    "question_leaf_pos": hit.leaf_pos,
+                    "question_gold_item_ids": hit.gold_item_ids,
+                    "question_statuses": [status] * len(hit.cluster_ids),
                 }
-                for payload in payloads
+                for hit in hits
             ],
         )
     )
-
-
-def _insert_questions(session: Session, hits: list[_NewHit], hit_ids: list[int]) -> None:
-    """All questions of a build in one statement. On PostgreSQL each column travels as one
-    comma-separated string (empty = NULL) split by the server: nine parameters instead of nine
-    per row, and no per-value work in the driver (every value here is a number, an enum value
-    or a URL-safe public id, none contains a comma)."""
-    status = QuestionStatus.OPEN.value
-    if not hits:
-        return
-    if not _postgres(session):
-        session.execute(
-            insert(_Q),
-            [
-                {
-                    "public_id": public_id,
-                    "kind": kind,
-                    "status": status,
-                    "hit_id": hit_id,
-                    "position": position,
-                    "cluster_id": cluster_id,
-                    "tree_id": tree_id,
-                    "leaf_pos": leaf_pos,
-                    "gold_item_id": gold_item_id,
-                }
-                for hit, hit_id in zip(hits, hit_ids, strict=True)
-                for position, (public_id, kind, cluster_id, tree_id, leaf_pos, gold_item_id) in (
-                    enumerate(
-                        zip(
-                            hit.public_ids,
-                            hit.kinds,
-                            hit.cluster_ids,
-                            hit.tree_ids,
-                            hit.leaf_pos,
-                            hit.gold_item_ids,
-                            strict=True,
-                        )
-                    )
-                )
-            ],
-        )
-        return
-
-    def column(field: str) -> str:
-        # Numbers or None: "None" is the only text here with letters, so one replace in C
-        # empties it (a per-value Python conditional cost more than the rest of the build).
-        values = [value for hit in hits for value in getattr(hit, field)]
-        return ",".join(map(str, values)).replace("None", "")
-
-    sizes = [len(hit.public_ids) for hit in hits]
-    columns = {
-        "public_id": ",".join(public_id for hit in hits for public_id in hit.public_ids),
-        "kind": ",".join(kind for hit in hits for kind in hit.kinds),
-        "status": ",".join([status] * sum(sizes)),
-        "hit_id": ",".join(
-            ",".join([str(hit_id)] * size) for hit_id, size in zip(hit_ids, sizes, strict=True)
-        ),
-        "position": ",".join(",".join(map(str, range(size))) for size in sizes),
-        "cluster_id": column("cluster_ids"),
-        "tree_id": column("tree_ids"),
-        "leaf_pos": column("leaf_pos"),
-        "gold_item_id": column("gold_item_ids"),
-    }
-    driver_connection(session).execute(_UNNEST_QUESTIONS, columns, prepare=True)
 
 
 _LOCK_ASSIGNMENT = (
@@ -1220,11 +1205,15 @@ _LOCK_ASSIGNMENT = (
     .where(_AS.c.public_id == bindparam("pid"))
     .with_for_update()
 )
-_HIT_QUESTIONS = (
-    select(_Q.c.public_id, _Q.c.id, _Q.c.kind, _Q.c.status, _Q.c.cluster_id, _G.c.expected)
-    .select_from(_Q.outerjoin(_G, _G.c.id == _Q.c.gold_item_id))
-    .where(_Q.c.hit_id == bindparam("hid"))
-)
+
+
+def _read_questions(session: Session, hit_id: int) -> list[tuple]:
+    """``(public id, id, kind, status, cluster id, expected answer)`` of the HIT's questions."""
+    questions = hit_questions.of_hits(session, [hit_id]).get(hit_id, [])
+    expected = hit_questions.expected_answers(session, questions)
+    return [
+        (q.public_id, q.id, q.kind, q.status, q.cluster_id, expected.get(q.id)) for q in questions
+    ]
 
 
 def refuse_lapsed_lease(status: AssignmentStatus, lease: datetime, now: datetime) -> None:
@@ -1266,10 +1255,10 @@ def record_answers(
     if row is None or row[2] != worker_id:
         raise CrowdError(404, "not_found", f"assignment {assignment_public_id} not found")
     assignment_id, hit_id, _, status, lease = row[:5]
-    stored = stored_answers.AnswerSet.of(row[5:])
+    stored = stored_answers.AnswerSet.of(hit_id, row[5:])
     status, lease = AssignmentStatus(status), aware(lease)
     refuse_lapsed_lease(status, lease, now)
-    rows_read = session.execute(_HIT_QUESTIONS, {"hid": hit_id}).all()
+    rows_read = _read_questions(session, hit_id)
     questions = {r[0]: r[1] for r in rows_read}
     refuse_unknown_questions(answers, questions)
     if status is not AssignmentStatus.CLAIMED:
@@ -1413,12 +1402,16 @@ def retire_hits(
             )
     if emptied:
         session.execute(update(_H).where(_H.c.id.in_(emptied)).values(status=status))
-        clusters = session.scalars(
-            update(_Q)
-            .where(_Q.c.hit_id.in_(emptied), _Q.c.status == QuestionStatus.OPEN)
-            .values(status=QuestionStatus.DISCARDED)
-            .returning(_Q.c.cluster_id)
-        ).all()
+        dropped = hit_questions.set_statuses(
+            session,
+            {
+                q.id: QuestionStatus.DISCARDED
+                for questions in hit_questions.of_hits(session, emptied).values()
+                for q in questions
+            },
+            only_from=QuestionStatus.OPEN,
+        )
+        clusters = [q.cluster_id for q in dropped]
         settle(session, closed_counts(clusters), campaign.policy, now)
     # Money last: every writer takes the campaign row after the cluster rows (no deadlock).
     for hit_id, free, share in releases:

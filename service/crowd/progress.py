@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import case, distinct, func, select
+from sqlalchemy import case, distinct, func, select, text
 from sqlalchemy.orm import Session
 
 from service.models import (
@@ -26,9 +26,6 @@ from service.models import (
     ClusterState,
     Hit,
     HitStatus,
-    Question,
-    QuestionKind,
-    QuestionStatus,
     Tree,
     Worker,
 )
@@ -39,7 +36,6 @@ _C = Campaign.__table__
 _CL = Cluster.__table__
 _T = Tree.__table__
 _H = Hit.__table__
-_Q = Question.__table__
 _AS = Assignment.__table__
 _W = Worker.__table__
 
@@ -70,21 +66,29 @@ def _mask_total(session: Session, project_id: int, round_id: int | None) -> int:
     return int(session.execute(query).scalar_one())
 
 
+# A HIT's questions are arrays of its row (:mod:`service.crowd.questions`): counted in SQL, one
+# element per question; a sample is a question without a gold item.
+_QUESTION_COUNTS = {
+    "postgresql": text(
+        "SELECT count(*), count(*) FILTER (WHERE x.s = 'answered'), "
+        "count(*) FILTER (WHERE x.s = 'discarded') "
+        "FROM hits h, unnest(h.question_statuses, h.question_gold_item_ids) AS x(s, g) "
+        "WHERE h.campaign_id = :cid AND h.status <> 'cancelled' AND x.g IS NULL"
+    ),
+    "sqlite": text(
+        "SELECT count(*), coalesce(sum(s.value = 'answered'), 0), "
+        "coalesce(sum(s.value = 'discarded'), 0) "
+        "FROM hits h, json_each(h.question_statuses) AS s "
+        "WHERE h.campaign_id = :cid AND h.status <> 'cancelled' "
+        "AND json_extract(h.question_gold_item_ids, '$[' || s.key || ']') IS NULL"
+    ),
+}
+
+
 def _questions(session: Session, campaign_id: int) -> dict[str, int]:
     """Sample questions put into the campaign's HITs (cancelled ones excluded) and answered."""
-    row = session.execute(
-        select(
-            func.count(),
-            func.count().filter(_Q.c.status == QuestionStatus.ANSWERED),
-            func.count().filter(_Q.c.status == QuestionStatus.DISCARDED),
-        )
-        .select_from(_Q.join(_H, _H.c.id == _Q.c.hit_id))
-        .where(
-            _H.c.campaign_id == campaign_id,
-            _H.c.status != HitStatus.CANCELLED,
-            _Q.c.kind == QuestionKind.SAMPLE,
-        )
-    ).one()
+    query = _QUESTION_COUNTS[session.get_bind().dialect.name]
+    row = session.execute(query, {"cid": campaign_id}).one()
     return {"asked": int(row[0]), "answered": int(row[1]), "discarded": int(row[2])}
 
 

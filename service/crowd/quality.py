@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from service.crowd import CrowdParams, money
 from service.crowd import answers as stored_answers
+from service.crowd import questions as hit_questions
 from service.crowd.decisions import (
     Counts,
     QuestionVotes,
@@ -46,10 +47,8 @@ from service.models import (
     AssignmentStatus,
     Cluster,
     ClusterState,
-    GoldItem,
     Hit,
     HitStatus,
-    Question,
     QuestionKind,
     QuestionStatus,
     Worker,
@@ -67,8 +66,6 @@ __all__ = [
 ]
 
 _AS = Assignment.__table__
-_Q = Question.__table__
-_G = GoldItem.__table__
 _H = Hit.__table__
 _W = Worker.__table__
 _CL = Cluster.__table__
@@ -102,12 +99,8 @@ def assignment_stats(session: Session, assignment_id: int) -> AssignmentStats:
     answers = stored_answers.load(session, [assignment_id]).get(assignment_id)
     if not answers:
         return AssignmentStats(0, 0, 0, 0)
-    expected = dict(
-        session.execute(
-            select(_Q.c.id, _G.c.expected)
-            .join(_G, _G.c.id == _Q.c.gold_item_id)
-            .where(_Q.c.id.in_(sorted(set(answers.question_ids))), _Q.c.kind == QuestionKind.GOLD)
-        ).all()
+    expected = hit_questions.expected_answers(
+        session, hit_questions.of_ids(session, answers.question_ids).values()
     )
     gold = [a.value == expected[a.question_id] for a in answers if a.question_id in expected]
     return AssignmentStats(len(answers), sum(answers.ms), len(gold), sum(gold))
@@ -132,11 +125,11 @@ def judge(stats: AssignmentStats, params: CrowdParams) -> tuple[bool, str]:
 
 
 def _sample_questions(session: Session, hit_id: int) -> list[int]:
-    return list(
-        session.scalars(
-            select(_Q.c.id).where(_Q.c.hit_id == hit_id, _Q.c.kind == QuestionKind.SAMPLE)
-        )
-    )
+    return [
+        q.id
+        for q in hit_questions.of_hits(session, [hit_id]).get(hit_id, [])
+        if q.kind is QuestionKind.SAMPLE
+    ]
 
 
 _ADD_WORKER_GOLD = (
@@ -206,18 +199,20 @@ def block_worker(
         for assignment in stored_answers.where(session, _AS.c.worker_id == worker_id)
         for answer in assignment.answers.valid()
     }
-    about = {
-        int(qid): (int(cid), QuestionStatus(status), int(hit))
-        for qid, cid, status, hit in session.execute(
-            select(_Q.c.id, _Q.c.cluster_id, _Q.c.status, _Q.c.hit_id)
-            .join(_CL, _CL.c.id == _Q.c.cluster_id)
-            .where(
-                _Q.c.id.in_(sorted({qid for _, qid in value_of})),
-                _Q.c.kind == QuestionKind.SAMPLE,
+    samples = [
+        q
+        for q in hit_questions.of_ids(session, {qid for _, qid in value_of}).values()
+        if q.kind is QuestionKind.SAMPLE
+    ]
+    states = dict(
+        session.execute(
+            select(_CL.c.id, _CL.c.state).where(
+                _CL.c.id.in_(sorted({q.cluster_id for q in samples})),
                 _CL.c.state.in_(undecided),
             )
         ).all()
-    }
+    )
+    about = {q.id: (q.cluster_id, q.status, q.hit_id) for q in samples if q.cluster_id in states}
     locked = lock_clusters(session, (cid for cid, _, _ in about.values()))
     rows = [
         (aid, qid, about[qid], value)
@@ -242,9 +237,7 @@ def block_worker(
         }
         lost = [q for q in answered if q not in still_valid]
         if lost:
-            session.execute(
-                update(_Q).where(_Q.c.id.in_(lost)).values(status=QuestionStatus.DISCARDED)
-            )
+            hit_questions.set_statuses(session, dict.fromkeys(lost, QuestionStatus.DISCARDED))
         for qid in lost:
             cid, _, value = answered[qid]
             yes, no, closed = deltas[cid]

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from service import migrate
 from service.crowd import answers as stored_answers
 from service.crowd.answers import AnswerSet, StoredAnswer
+from service.crowd.questions import question_id
 from service.db import make_engine
 from service.models import Assignment
 
@@ -39,7 +40,7 @@ def test_a_discard_marks_only_valid_answers_and_reports_no_change():
 
 
 def test_no_answers_read_as_an_empty_set():
-    empty = AnswerSet.of((None, None, None, None))
+    empty = AnswerSet.of(1, (None, None, None, None))
     assert (
         len(empty) == 0 and list(empty) == [] and empty.columns()["answer_discard_reasons"] is None
     )
@@ -68,29 +69,33 @@ def test_answers_survive_the_database_in_order_with_their_reasons(session):
     session.add_all(rows)
     session.flush()
     one, two = (row.id for row in rows)
-    stored = AnswerSet().appended([(30, True, 900), (10, False, 800), (20, True, 700)])
+    q30, q10, q20 = (question_id(1, position) for position in (30, 10, 20))
+    stored = AnswerSet().appended([(q30, True, 900), (q10, False, 800), (q20, True, 700)])
     stored_answers.store(session, one, stored)
-    stored_answers.store(session, two, AnswerSet().appended([(10, True, 600)]))
-    assert stored_answers.discard(session, {one: {10}, two: None}, "worker blocked: test") == 2
-    assert stored_answers.discard(session, {one: {10}}, "again") == 0
+    stored_answers.store(session, two, AnswerSet().appended([(q10, True, 600)]))
+    assert stored_answers.discard(session, {one: {q10}, two: None}, "worker blocked: test") == 2
+    assert stored_answers.discard(session, {one: {q10}}, "again") == 0
     loaded = stored_answers.load(session, [two, one], lock=True)
     assert list(loaded[one]) == [
-        StoredAnswer(30, True, 900, None),
-        StoredAnswer(10, False, 800, "worker blocked: test"),
-        StoredAnswer(20, True, 700, None),
+        StoredAnswer(q30, True, 900, None),
+        StoredAnswer(q10, False, 800, "worker blocked: test"),
+        StoredAnswer(q20, True, 700, None),
     ]
-    assert list(loaded[two]) == [StoredAnswer(10, True, 600, "worker blocked: test")]
+    assert list(loaded[two]) == [StoredAnswer(q10, True, 600, "worker blocked: test")]
     by_hit = stored_answers.of_hits(session, [1])
     assert [(h.assignment_id, len(h.answers)) for h in by_hit if h.assignment_id in (one, two)] == [
         (one, 3),
         (two, 1),
     ]
     raw = session.execute(
-        select(Assignment.answer_values, Assignment.answer_discard_reasons).where(
-            Assignment.id == one
-        )
+        select(
+            Assignment.answer_positions,
+            Assignment.answer_values,
+            Assignment.answer_discard_reasons,
+        ).where(Assignment.id == one)
     ).one()
-    assert tuple(raw) == ([True, False, True], [None, "worker blocked: test", None])
+    # The rows hold the questions' positions in the HIT (migration 0006).
+    assert tuple(raw) == ([30, 10, 20], [True, False, True], [None, "worker blocked: test", None])
     # An assignment without answers holds SQL NULLs, not JSON ``null`` (SQLite).
     session.add(Assignment(hit_id=2, worker_id=1, public_id="answers-3", lease_expires_at=now))
     session.flush()

@@ -15,7 +15,7 @@ from service.models import (
     Cluster,
     Hit,
     LedgerEntry,
-    Question,
+    QuestionKind,
     QuestionStatus,
 )
 from tests.crowd.world import (
@@ -28,7 +28,7 @@ from tests.crowd.world import (
     qualify_directly,
     worker_headers,
 )
-from tests.helpers import hit_answers
+from tests.helpers import hit_answers, hit_questions
 
 THREADS = 16
 HIT_COST = 200_000  # 0.20 USD, local backend: no fee
@@ -113,12 +113,9 @@ def test_sixteen_threads_claiming_and_answering(app, client, db):
     stored = Counter(a.question_id for a in hit_answers(db))
     assert [q for q, n in stored.items() if n > 1] == []
     assert sum(stored.values()) == sum(map(len, (q for _, q in served)))
-    answered = dict(
-        db.execute(
-            select(Question.cluster_id, func.count())
-            .where(Question.status == QuestionStatus.ANSWERED, Question.kind == "sample")
-            .group_by(Question.cluster_id)
-        ).all()
+    answered = Counter(
+        q.cluster_id
+        for q in hit_questions(db, status=QuestionStatus.ANSWERED, kind=QuestionKind.SAMPLE)
     )
     counts = dict(
         db.execute(
@@ -127,14 +124,11 @@ def test_sixteen_threads_claiming_and_answering(app, client, db):
             )
         ).all()
     )
-    assert counts == answered
+    assert answered and counts == dict(answered)
     # Every cluster's open-question counter agrees with its questions still out.
-    still_open = dict(
-        db.execute(
-            select(Question.cluster_id, func.count())
-            .where(Question.status == QuestionStatus.OPEN, Question.kind == "sample")
-            .group_by(Question.cluster_id)
-        ).all()
+    still_open = Counter(
+        q.cluster_id
+        for q in hit_questions(db, status=QuestionStatus.OPEN, kind=QuestionKind.SAMPLE)
     )
     counters = dict(
         db.execute(
@@ -143,7 +137,7 @@ def test_sixteen_threads_claiming_and_answering(app, client, db):
             )
         ).all()
     )
-    assert counters == still_open
+    assert counters == dict(still_open)
 
     # Money: every reservation accounted for, never past the budget.
     row = db.execute(

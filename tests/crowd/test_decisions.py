@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from service.crowd.decisions import dawid_skene, majority
 from service.engine.policy import PolicyParams
 from service.engine.runner import run_search
-from service.models import Cluster, ClusterState, Question, QuestionStatus
+from service.models import Cluster, ClusterState, QuestionKind, QuestionStatus
 from tests.crowd.world import (
     add_gold,
     add_tree,
@@ -26,7 +26,7 @@ from tests.crowd.world import (
     qualify_directly,
     ranges,
 )
-from tests.helpers import hit_answers
+from tests.helpers import hit_answers, hit_questions
 
 
 def _as_set(array: np.ndarray) -> set[tuple[int, int]]:
@@ -98,9 +98,7 @@ def test_split_children_inherit_the_parent_answers(client, db):
     world.campaign(client, questions_per_hit=50, gold_per_hit=0)
     while do_hit(client, db, world, worker["token"]) is not None:
         pass
-    asked = db.scalar(
-        select(func.count()).where(Question.tree_id == world.tree_id, Question.kind == "sample")
-    )
+    asked = len(hit_questions(db, tree_id=world.tree_id, kind=QuestionKind.SAMPLE))
     assert asked == 16  # 15 samples of the 16-mask block, then the one it missed
     children = db.execute(
         select(Cluster.lo, Cluster.yes_count, Cluster.no_count, Cluster.state).where(
@@ -112,13 +110,9 @@ def test_split_children_inherit_the_parent_answers(client, db):
         (8, 8, ClusterState.REJECTED),
     ]
     # Every answered question was counted exactly once for the cluster it was asked about.
-    in_tree = set(db.scalars(select(Question.id).where(Question.tree_id == world.tree_id)))
+    in_tree = {q.id for q in hit_questions(db, tree_id=world.tree_id)}
     answers = sum(a.question_id in in_tree for a in hit_answers(db))
-    answered = db.scalar(
-        select(func.count()).where(
-            Question.tree_id == world.tree_id, Question.status == QuestionStatus.ANSWERED
-        )
-    )
+    answered = len(hit_questions(db, tree_id=world.tree_id, status=QuestionStatus.ANSWERED))
     assert answers == answered == 16
 
 
@@ -180,11 +174,9 @@ def _redundant_world(client, db, name: str, aggregation: str):
 
 def test_redundant_answers_tied_by_majority_are_asked_again(client, db):
     hit = _redundant_world(client, db, "majority2", "majority")
-    samples = db.scalars(
-        select(Question).where(
-            Question.public_id.in_([q["id"] for q in hit["questions"]]), Question.kind == "sample"
-        )
-    ).all()
+    samples = hit_questions(
+        db, public_id=[q["id"] for q in hit["questions"]], kind=QuestionKind.SAMPLE
+    )
     assert len(samples) == 15 and {q.status for q in samples} == {QuestionStatus.DISCARDED}
     sample_ids = {q.id for q in samples}
     reasons = [a.discard_reason for a in hit_answers(db) if a.question_id in sample_ids]
@@ -197,11 +189,9 @@ def test_dawid_skene_recovers_the_truth_from_gold_when_votes_tie(client, db):
     """Two workers, one of whom inverts every answer: majority can only tie, but gold shows which
     worker is reliable and Dawid-Skene labels every sample as the honest worker did."""
     hit = _redundant_world(client, db, "ds2", "dawid_skene")
-    samples = db.scalars(
-        select(Question).where(
-            Question.public_id.in_([q["id"] for q in hit["questions"]]), Question.kind == "sample"
-        )
-    ).all()
+    samples = hit_questions(
+        db, public_id=[q["id"] for q in hit["questions"]], kind=QuestionKind.SAMPLE
+    )
     assert {q.status for q in samples} == {QuestionStatus.ANSWERED}
     (cluster,) = db.scalars(select(Cluster).where(Cluster.id == samples[0].cluster_id)).all()
     assert cluster.state == ClusterState.ACCEPTED and cluster.yes_count == 15

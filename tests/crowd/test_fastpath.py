@@ -8,6 +8,7 @@ import json
 import re
 import threading
 import time
+from collections import Counter
 
 import psycopg
 import pytest
@@ -30,7 +31,6 @@ from service.models import (
     Hit,
     HitStatus,
     LedgerEntry,
-    Question,
     QuestionStatus,
 )
 from tests.crowd.world import (
@@ -40,17 +40,15 @@ from tests.crowd.world import (
     stored_answers,
     worker_headers,
 )
-from tests.helpers import hit_answers
+from tests.helpers import hit_answers, hit_questions
 
 
 def _open_counts_agree(db, tree_id: int) -> None:
     """Every cluster's ``open_questions`` is the number of its sample questions still open."""
     counted = dict(
-        db.execute(
-            select(Question.cluster_id, func.count())
-            .where(Question.tree_id == tree_id, Question.status == QuestionStatus.OPEN)
-            .group_by(Question.cluster_id)
-        ).all()
+        Counter(
+            q.cluster_id for q in hit_questions(db, tree_id=tree_id, status=QuestionStatus.OPEN)
+        )
     )
     stored = dict(
         db.execute(
@@ -81,8 +79,8 @@ def test_a_cycle_is_served_by_the_fast_path(client, db, monkeypatch):
     assignment = db.scalar(select(Assignment).where(Assignment.public_id == hit["assignment_id"]))
     assert assignment.status == "approved" and assignment.gold_total == 2
     assert assignment.decision_reason.startswith("approved: gold 2/2 correct")
-    questions = db.scalars(select(Question).where(Question.hit_id == assignment.hit_id)).all()
-    assert {q.status for q in questions} == {QuestionStatus.ANSWERED}
+    questions = hit_questions(db, hit_id=assignment.hit_id)
+    assert len(questions) == 12 and {q.status for q in questions} == {QuestionStatus.ANSWERED}
     answers = hit_answers(db, Assignment.id == assignment.id)
     assert len(answers) == 12 and not any(a.discarded for a in answers)
     assert {a.question_id for a in answers} == {q.id for q in questions}
@@ -301,7 +299,7 @@ def test_concurrent_overlapping_posts_store_each_answer_once(client, db):
     assert sum(b["accepted"] + b["duplicates"] for b in bodies) == sum(map(len, parts))
     stored = hit_answers(db, Assignment.public_id == hit["assignment_id"])
     assert sorted(a.question_id for a in stored) == sorted(
-        db.scalars(select(Question.id).where(Question.public_id.in_(right)))
+        q.id for q in hit_questions(db, public_id=list(right))
     )
     assignment = db.scalar(select(Assignment).where(Assignment.public_id == hit["assignment_id"]))
     assert assignment.status == "approved"
@@ -321,11 +319,7 @@ def test_the_claim_payload_is_stored_once_and_sent_verbatim(client, db):
     assert list(claim) == ["answered", "assignment_id", "lease_expires_at", "questions"]
     assignment = db.scalar(select(Assignment).where(Assignment.public_id == claim["assignment_id"]))
     assert question_payload(db, assignment.hit_id) == claim["questions"]
-    positions = db.scalars(
-        select(Question.public_id)
-        .where(Question.hit_id == assignment.hit_id)
-        .order_by(Question.position)
-    ).all()
+    positions = [q.public_id for q in hit_questions(db, hit_id=assignment.hit_id)]
     db.rollback()
     assert [q["id"] for q in claim["questions"]] == list(positions)
 

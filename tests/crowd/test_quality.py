@@ -14,7 +14,7 @@ from service.models import (
     Campaign,
     Cluster,
     ClusterState,
-    Question,
+    QuestionKind,
     QuestionStatus,
     Worker,
 )
@@ -29,7 +29,7 @@ from tests.crowd.world import (
     qualify_directly,
     worker_headers,
 )
-from tests.helpers import hit_answers
+from tests.helpers import hit_answers, hit_questions
 
 ALL_NO = [False] * 5  # every gold item's answer is "no": a yes-sayer gets 0/5
 
@@ -57,9 +57,7 @@ def _assignment(db, public_id):
 
 def _sample_questions(db, hit):
     ids = [q["id"] for q in hit["questions"]]
-    return db.scalars(
-        select(Question).where(Question.public_id.in_(ids), Question.kind == "sample")
-    ).all()
+    return hit_questions(db, public_id=ids, kind=QuestionKind.SAMPLE)
 
 
 def test_a_hit_failing_gold_is_rejected_and_reasked(client, db):
@@ -107,7 +105,7 @@ def test_a_worker_below_the_running_gold_threshold_is_blocked(client, db):
     wrong = {"n": 0}
 
     def two_wrong_gold(qid: str, right: bool) -> bool:
-        kind = db.scalar(select(Question.kind).where(Question.public_id == qid))
+        (kind,) = [q.kind for q in hit_questions(db, public_id=qid)]
         db.rollback()
         if kind == "gold" and wrong["n"] % 5 < 2:
             wrong["n"] += 1

@@ -18,10 +18,11 @@ from service.app import create_app
 from service.crowd import hits
 from service.crowd.hits import RENDER_JOB, build_hits, load_campaign, render_job_id
 from service.db import get_database
-from service.models import Hit, Job, JobStatus, Question, QuestionKind
+from service.models import Hit, Job, JobStatus, QuestionKind
 from service.render import overlay_key
 from service.settings import Settings
 from service.storage import open_storage
+from tests.helpers import hit_questions
 from tests.pages import Seeded, add_worker, seed_project
 
 #: Small HITs: the root cluster's 15 samples make three, so a build renders about twenty overlays.
@@ -87,7 +88,7 @@ def test_a_built_batch_is_rendered_by_its_job_and_served_from_the_cache(
     assert job.status is JobStatus.FINISHED, job.error
 
     storage = open_storage(settings.storage_url)
-    questions = db.scalars(select(Question).where(Question.hit_id.in_(hit_ids))).all()
+    questions = hit_questions(db, hit_id=list(hit_ids))
     keys = {overlay_key(q) for q in questions}
     assert len(questions) == 3 * (5 + 2) and {q.kind for q in questions} == {
         QuestionKind.SAMPLE,
@@ -109,7 +110,7 @@ def test_a_built_batch_is_rendered_by_its_job_and_served_from_the_cache(
     monkeypatch.setattr(render, "render_overlay", boom)
     client = app.test_client()
     for item in hit["questions"]:
-        question = db.scalar(select(Question).where(Question.public_id == item["id"]))
+        (question,) = hit_questions(db, public_id=item["id"])
         response = client.get(item["image_url"])
         assert response.status_code == 200
         assert response.mimetype == "image/jpeg"
@@ -122,7 +123,7 @@ def test_the_media_route_renders_what_is_not_cached_yet(app, db, settings, proje
     _wait(settings, render_job_id(_hit_ids(db, campaign_id)))
     storage = open_storage(settings.storage_url)
     item = hit["questions"][0]
-    question = db.scalar(select(Question).where(Question.public_id == item["id"]))
+    (question,) = hit_questions(db, public_id=item["id"])
     key = overlay_key(question)
     cached = storage.get_bytes(key)
     storage.delete(key)  # as if the job had not got to it yet
@@ -234,13 +235,7 @@ def test_a_missing_tree_file_fails_its_questions_with_one_warning(
     storage.delete(seeded.tree_key)
     with caplog.at_level(logging.WARNING, logger="workers.render"):
         report = render_hits(get_database(app), storage, settings, built)
-    sample_count = len(
-        db.scalars(
-            select(Question.id).where(
-                Question.hit_id.in_(built), Question.kind == QuestionKind.SAMPLE
-            )
-        ).all()
-    )
+    sample_count = len(hit_questions(db, hit_id=list(built), kind=QuestionKind.SAMPLE))
     assert report.failed == sample_count == 15
     warnings = [r for r in caplog.records if r.name == "workers.render"]
     assert len(warnings) == 1 and warnings[0].getMessage().startswith("15 question(s)")

@@ -7,14 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flask import Flask
-from sqlalchemy import insert, select
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from service.crowd import hits
 from service.crowd.hits import build_hits, load_campaign
 from service.db import get_database
-from service.models import Cluster, ClusterState, Question
+from service.models import Cluster, ClusterState
 from service.storage import open_storage
+from tests.helpers import hit_questions
 from tests.pages import Seeded, seed_project
 
 
@@ -39,18 +40,10 @@ def project(app: Flask, settings) -> tuple[Seeded, int]:
 def _drawn(session: Session, campaign_id: int, **kwargs) -> list[tuple]:
     """What one build asks, HIT by HIT and position by position; the build is rolled back."""
     built = build_hits(session, load_campaign(session, campaign_id), **kwargs)
-    rows = session.execute(
-        select(
-            Question.hit_id,
-            Question.position,
-            Question.kind,
-            Question.cluster_id,
-            Question.leaf_pos,
-            Question.gold_item_id,
-        )
-        .where(Question.hit_id.in_(built))
-        .order_by(Question.hit_id, Question.position)
-    ).all()
+    rows = [
+        (q.hit_id, q.position, q.kind, q.cluster_id, q.leaf_pos, q.gold_item_id)
+        for q in hit_questions(session, hit_id=list(built))
+    ]
     session.rollback()
     index = {hit_id: i for i, hit_id in enumerate(built)}
     return [(index[row[0]], *row[1:]) for row in rows]

@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 
 from service.crowd.hits import build_hits, load_campaign
 from service.db import get_database
-from service.models import Assignment, Cluster, ClusterState, Question, Worker
+from service.models import Assignment, Cluster, ClusterState, QuestionKind, Worker
 from tests.crowd.world import (
     add_gold,
     add_tree,
@@ -20,7 +20,7 @@ from tests.crowd.world import (
     qualify_directly,
     ranges,
 )
-from tests.helpers import hit_answers
+from tests.helpers import hit_answers, hit_questions
 
 
 def test_a_campaign_runs_to_the_end_on_sqlite(sqlite_app):
@@ -67,13 +67,7 @@ def test_rejections_and_blocks_discard_answers_on_sqlite(sqlite_app):
         # service's writes.
         def sample_ids(hit) -> set[int]:
             ids = [q["id"] for q in hit["questions"]]
-            found = set(
-                db.scalars(
-                    select(Question.id).where(
-                        Question.public_id.in_(ids), Question.kind == "sample"
-                    )
-                )
-            )
+            found = {q.id for q in hit_questions(db, public_id=ids, kind=QuestionKind.SAMPLE)}
             db.rollback()
             return found
 
@@ -90,7 +84,7 @@ def test_rejections_and_blocks_discard_answers_on_sqlite(sqlite_app):
         wrong = {"gold": 0}
 
         def two_wrong_gold(qid: str, right: bool) -> bool:
-            kind = db.scalar(select(Question.kind).where(Question.public_id == qid))
+            (kind,) = [q.kind for q in hit_questions(db, public_id=qid)]
             db.rollback()
             if kind != "gold":
                 return right

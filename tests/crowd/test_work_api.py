@@ -17,7 +17,6 @@ from service.models import (
     Hit,
     HitStatus,
     LedgerEntry,
-    Question,
 )
 from tests.crowd.world import (
     add_gold,
@@ -32,7 +31,7 @@ from tests.crowd.world import (
     stored_answers,
     worker_headers,
 )
-from tests.helpers import hit_answers, new_key
+from tests.helpers import hit_answers, hit_questions, new_key
 
 
 def _world_with_work(client, db, name, blocks="GLGLGLGL", gold=(True, False, True)):
@@ -161,11 +160,8 @@ def test_stop_releases_the_reservations_of_unclaimed_hits(client, db):
     cancelled = db.scalar(
         select(Hit.id).where(Hit.campaign_id == campaign["id"], Hit.status == HitStatus.CANCELLED)
     )
-    back = db.scalars(
-        select(Cluster.state)
-        .join(Question, Question.cluster_id == Cluster.id)
-        .where(Question.hit_id == cancelled)
-    ).all()
+    about = {q.cluster_id for q in hit_questions(db, hit_id=cancelled) if q.cluster_id}
+    back = db.scalars(select(Cluster.state).where(Cluster.id.in_(about))).all()
     assert back and set(back) == {ClusterState.CANDIDATE}
 
 
@@ -252,17 +248,14 @@ def test_gold_is_indistinguishable_in_payloads(client, db):
     hit = response.get_json()
     assert "gold" not in raw.lower() and "sample" not in raw.lower()
     questions = hit["questions"]
-    kinds = dict(
-        db.execute(
-            select(Question.public_id, Question.kind).where(
-                Question.public_id.in_([q["id"] for q in questions])
-            )
-        ).all()
-    )
+    kinds = {
+        q.public_id: q.kind.value for q in hit_questions(db, public_id=[q["id"] for q in questions])
+    }
     assert sorted(kinds.values()).count("gold") == 5
     for q in questions:
         assert set(q) == {"id", "image_url", "class_name"}
-        assert re.fullmatch(r"[A-Za-z0-9_-]{24}", q["id"])
+        # The HIT's random public id and two characters for the position, gold or not.
+        assert re.fullmatch(r"[A-Za-z0-9_-]{26}", q["id"])
         assert q["image_url"] == f"/media/q/{q['id']}.jpg"
         assert q["class_name"] == "chair"
     # Shuffled: gold does not sit in a fixed block at the end (or the start).

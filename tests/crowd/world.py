@@ -17,6 +17,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
+from service.crowd import questions as stored_questions
 from service.engine.policy import PolicyParams
 from service.engine.reachable import reachable_plan
 from service.engine.tree import ClusterTree
@@ -263,6 +264,12 @@ def correct_answers(db: Session, world: World | None, public_ids: list[str]) -> 
         .outerjoin(GoldItem, GoldItem.id == Question.gold_item_id)
         .where(Question.public_id.in_(public_ids))
     ).all()
+    # A HIT's questions are arrays of its row (migration 0006); qualification questions are rows.
+    found = stored_questions.of_public_ids(db, public_ids)
+    expected = stored_questions.expected_answers(db, found.values())
+    rows += [
+        (q.public_id, q.kind, q.tree_id, q.leaf_pos, expected.get(q.id)) for q in found.values()
+    ]
     out = {}
     for pid, kind, _tree_id, leaf_pos, expected in rows:
         if QuestionKind(kind) is QuestionKind.SAMPLE:
@@ -330,11 +337,10 @@ def check_built_hits(db: Session, hit_ids: list[int], gold_per_hit: int) -> None
 
     assert hit_ids == sorted(hit_ids) and len(set(hit_ids)) == len(hit_ids)
     for hit_id in hit_ids:
-        rows = db.execute(
-            select(Question.public_id, Question.kind, Question.position)
-            .where(Question.hit_id == hit_id)
-            .order_by(Question.position)
-        ).all()
+        rows = [
+            (q.public_id, q.kind, q.position)
+            for q in stored_questions.of_hits(db, [hit_id])[hit_id]
+        ]
         assert [position for _, _, position in rows] == list(range(len(rows)))
         assert question_payload(db, hit_id) == [
             {"class_name": "chair", "id": public_id, "image_url": image_url(public_id)}

@@ -18,10 +18,11 @@ from sqlalchemy import select
 from werkzeug.serving import make_server
 
 from service.auth import hash_secret
+from service.crowd import questions as stored_questions
 from service.db import get_database
 from service.models import Assignment, GoldItem, Question, QuestionKind, Worker
 from service.storage import open_storage
-from tests.helpers import hit_answers
+from tests.helpers import hit_answers, hit_questions
 from tests.pages import seed_project
 
 pytestmark = pytest.mark.browser
@@ -97,7 +98,9 @@ def _invite(app, seeded) -> str:
 def _expected(app, public_id: str) -> bool | None:
     """The right answer of a gold / qualification question; None for a sample."""
     with get_database(app).session() as session:
-        question = session.scalar(select(Question).where(Question.public_id == public_id))
+        question = stored_questions.by_public_id(session, public_id) or session.scalar(
+            select(Question).where(Question.public_id == public_id)
+        )
         assert question is not None, public_id
         if question.kind is QuestionKind.SAMPLE:
             return None
@@ -195,11 +198,7 @@ def test_worker_qualifies_and_answers_a_hit_with_the_keyboard(app, base_url, bro
         worker = session.scalar(select(Worker).where(Worker.token_hash == hash_secret(token)))
         assert worker.qualified
         assignment = session.scalar(select(Assignment).where(Assignment.worker_id == worker.id))
-        public_id = dict(
-            session.execute(
-                select(Question.id, Question.public_id).where(Question.hit_id == assignment.hit_id)
-            ).all()
-        )
+        public_id = {q.id: q.public_id for q in hit_questions(session, hit_id=assignment.hit_id)}
         rows = [
             (public_id[a.question_id], a.value, a.ms, a.discarded)
             for a in hit_answers(session, Assignment.id == assignment.id)

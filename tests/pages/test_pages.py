@@ -21,7 +21,7 @@ from service.models import (
 )
 from service.render import EXAMPLES
 from service.storage import open_storage
-from tests.helpers import new_key
+from tests.helpers import hit_questions, new_key
 from tests.pages import add_worker, seed_project
 
 MEDIA_URL = re.compile(r"^/media/q/[A-Za-z0-9_-]{16,64}\.jpg$")
@@ -168,13 +168,7 @@ def test_media_urls_and_headers_are_identical_for_gold_and_samples(client, db, s
     claimed = client.post("/api/v1/work/assignments", headers={"X-Worker-Token": token})
     assert claimed.status_code == 200, claimed.get_json()
     payload = claimed.get_json()["questions"]
-    kinds = dict(
-        db.execute(
-            select(Question.public_id, Question.kind).where(
-                Question.public_id.in_([q["id"] for q in payload])
-            )
-        ).all()
-    )
+    kinds = {q.public_id: q.kind for q in hit_questions(db, public_id=[q["id"] for q in payload])}
     assert set(kinds.values()) == {QuestionKind.SAMPLE, QuestionKind.GOLD}
     header_sets = {}
     for question in payload:
