@@ -6,10 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 from flask import Flask
+from sqlalchemy.orm import Session
 
 from service import migrate
 from service.app import create_app
-from service.db import get_database
+from service.db import get_database, make_engine
 from service.settings import Settings
 
 
@@ -29,3 +30,18 @@ def sqlite_app(tmp_path_factory) -> Iterator[Flask]:
     )
     yield app
     get_database(app).dispose()
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def session(request, sqlite_url) -> Iterator[Session]:
+    """A session on each database in turn (a migrated PostgreSQL of the module, a fresh SQLite
+    file), rolled back afterwards: for round trips of what the two store differently (arrays
+    are JSON lists on SQLite)."""
+    url = sqlite_url if request.param == "sqlite" else request.getfixturevalue("migrated_pg_url")
+    if request.param == "sqlite":
+        migrate.upgrade(url)
+    engine = make_engine(url)
+    with Session(engine) as session:
+        yield session
+        session.rollback()
+    engine.dispose()

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import pytest
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from service import migrate
 from service.crowd import answers as stored_answers
 from service.crowd.answers import AnswerSet, StoredAnswer
 from service.crowd.questions import question_id
-from service.db import make_engine
 from service.models import Assignment
 
 
@@ -44,18 +40,6 @@ def test_no_answers_read_as_an_empty_set():
     assert (
         len(empty) == 0 and list(empty) == [] and empty.columns()["answer_discard_reasons"] is None
     )
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def session(request, sqlite_url) -> Session:
-    url = sqlite_url if request.param == "sqlite" else request.getfixturevalue("migrated_pg_url")
-    if request.param == "sqlite":
-        migrate.upgrade(url)
-    engine = make_engine(url)
-    with Session(engine) as session:
-        yield session
-        session.rollback()
-    engine.dispose()
 
 
 def test_answers_survive_the_database_in_order_with_their_reasons(session):

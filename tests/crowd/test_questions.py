@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import re
 
-import pytest
 from sqlalchemy.orm import Session
 
-from service import migrate
 from service.crowd import questions
-from service.db import make_engine
 from service.models import Hit, QuestionKind, QuestionStatus
 
 
@@ -34,18 +31,6 @@ def test_public_ids_are_the_hit_id_and_a_url_safe_position():
     # Not a HIT question's id: a qualification question's (24 characters), or an unknown code.
     for other in (hit, hit + "A", hit + "~~", hit + "__"):
         assert questions.split_public_id(other) is None, other
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def session(request, sqlite_url) -> Session:
-    url = sqlite_url if request.param == "sqlite" else request.getfixturevalue("migrated_pg_url")
-    if request.param == "sqlite":
-        migrate.upgrade(url)
-    engine = make_engine(url)
-    with Session(engine) as session:
-        yield session
-        session.rollback()
-    engine.dispose()
 
 
 def _hit(session: Session, public_id: str) -> Hit:
