@@ -498,8 +498,8 @@ class Hit(TimestampMixin, Base):
     #: question's position is its index): a sample's cluster, tree and leaf position, a gold
     #: question's gold item (the other entries ``NULL``), and every question's status. One row
     #: written per HIT instead of one per question: inserting a build's 880 questions as rows,
-    #: four indexes each, and closing them again, cost about a tenth of the CPU of a whole HIT
-    #: cycle (``scripts/bench_compare.py``, issue 4). Read and written through
+    #: four indexes each, and closing them again, cost 5-19% of the CPU of a whole HIT cycle
+    #: (three runs of ``scripts/bench_compare.py``, median 8%, issue 4). Read and written through
     #: :mod:`service.crowd.questions` only.
     question_cluster_ids: Mapped[list[int | None]] = mapped_column(_array(Integer), default=list)
     question_tree_ids: Mapped[list[int | None]] = mapped_column(_array(Integer), default=list)

@@ -2,8 +2,8 @@
 
 Why arrays and not a row per question: a HIT's questions are made together, sent together and
 closed together. As rows, a build's 880 questions (16 HITs of 55) were inserted with four index
-entries each and updated again when their HIT completed, about a tenth of the CPU of a whole HIT
-cycle; as arrays they are written with the HIT row that is inserted and updated anyway. The arrays
+entries each and updated again when their HIT completed: 5-19% of the CPU of a whole HIT cycle
+(three runs of ``scripts/bench_compare.py``, median 8%); as arrays they are written with the HIT row that is inserted and updated anyway. The arrays
 are PostgreSQL arrays, JSON lists on SQLite; lists in Python either way.
 
 A question is addressed by its HIT and its position there. In Python it has one integer id,
