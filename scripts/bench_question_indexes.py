@@ -1,5 +1,5 @@
-"""What does PostgreSQL spend on a HIT batch's questions, how much of it is index upkeep, and what
-do clock-prefixed public ids save?
+"""What does PostgreSQL spend on a HIT batch's questions, as rows or as arrays of their HITs, how
+much of the rows' cost is index upkeep, and what do clock-prefixed public ids save?
 
     python scripts/bench_question_indexes.py --json
 
@@ -13,7 +13,9 @@ first, then ``cluster_id``, then ``(hit_id, position)``): the differences are wh
 per batch. Before that, with all indexes, batches with purely random 16-byte public ids (the
 service's ids before they started with a millisecond clock) alternate with batches of the
 service's ids (:func:`service.crowd.hits.new_public_ids`), so both see the same table and the
-same machine. Wall time on loopback, one session; run on a quiet machine.
+same machine; and the same batches as rows alternate with the service's statement today
+(:data:`service.crowd.hits._UNNEST_HITS`: the batch's 16 HITs, each with its questions as
+arrays). Wall time on loopback, one session; run on a quiet machine.
 """
 
 from __future__ import annotations
@@ -95,6 +97,33 @@ def batch_params(
     }
 
 
+def hits_params(rows: dict[str, str], hits: int) -> dict[str, Any]:
+    """The same batch as the service inserts it now: its HITs, each with its questions as arrays
+    (one comma-separated text per HIT and column, :data:`service.crowd.hits._UNNEST_HITS`)."""
+    from service.crowd.hits import new_public_ids
+
+    def per_hit(column: str) -> list[str]:
+        values = rows[column].split(",")
+        size = len(values) // hits
+        return [",".join(values[i * size : (i + 1) * size]) for i in range(hits)]
+
+    clusters = per_hit("cluster_id")
+    return {
+        "campaign_id": 1,
+        "cost": 0,
+        "assignments": 1,
+        "lease": 900,
+        "expires": None,
+        "payloads": ["[]"] * hits,
+        "public_ids": new_public_ids(hits),
+        "sizes": [c.count(",") + 1 for c in clusters],
+        "clusters": clusters,
+        "trees": per_hit("tree_id"),
+        "leaves": per_hit("leaf_pos"),
+        "golds": per_hit("gold_item_id"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prefill", type=int, default=400_000, help="questions stored first")
@@ -108,12 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     import psycopg
 
     from service import migrate
-    from service.crowd.hits import new_public_ids
+    from service.crowd.hits import _UNNEST_HITS, new_public_ids
     from service.devservers import PostgresServer
 
-    def timed(conn: Any, params: dict[str, str]) -> float:
+    def timed(conn: Any, params: dict[str, Any], statement: str = _UNNEST_QUESTIONS) -> float:
         start = time.perf_counter()
-        conn.execute(_UNNEST_QUESTIONS, params, prepare=True)
+        conn.execute(statement, params, prepare=True)
         conn.commit()
         return time.perf_counter() - start
 
@@ -139,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
                         timed(conn, batch_params(hit, args.hits, per_hit, gold, make))
                     )
                     hit += args.hits
+            as_rows, as_arrays = [], []
+            for _ in range(args.batches):
+                params = batch_params(hit, args.hits, per_hit, gold, new_public_ids)
+                as_rows.append(timed(conn, params))
+                as_arrays.append(timed(conn, hits_params(params, args.hits), _UNNEST_HITS))
+                hit += args.hits
             steps: list[dict[str, Any]] = []
             for label, ddl in STEPS:
                 if ddl:
@@ -158,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
             stored = conn.execute("SELECT count(*) FROM questions").fetchone()[0]
+            hits_stored = conn.execute(
+                "SELECT count(*) FROM hits WHERE cardinality(question_statuses) > 0"
+            ).fetchone()[0]
     finally:
         server.stop()
     report = {
@@ -165,8 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         "questions_per_batch": args.hits * per_hit,
         "prefilled": args.prefill // (args.hits * per_hit) * args.hits * per_hit,
         "stored_at_end": stored,
+        "hits_stored": hits_stored,
         "public_ids_ms_per_batch": {
             scheme: round(statistics.median(times) * 1000, 2) for scheme, times in by_ids.items()
+        },
+        "rows_or_arrays_ms_per_batch": {
+            "rows": round(statistics.median(as_rows) * 1000, 2),
+            "arrays_of_hits": round(statistics.median(as_arrays) * 1000, 2),
         },
         "steps": steps,
         "index_cost_ms_per_batch": {
@@ -179,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
     else:
+        for label, ms in report["rows_or_arrays_ms_per_batch"].items():
+            print(f"{'as ' + label:32s} {ms:8.2f} ms per batch")
         for step in steps:
             print(f"{step['indexes']:32s} {step['median_ms_per_batch']:8.2f} ms per batch")
     return 0

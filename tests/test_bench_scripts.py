@@ -99,7 +99,11 @@ def test_bench_question_indexes_runs():
         "bench_question_indexes.py", "--prefill", "1760", "--batches", "3", "--hits", "2"
     )  # fmt: skip
     assert report["questions_per_batch"] == 110
-    assert report["stored_at_end"] == 1760 + 110 * 3 * (2 + 4)  # id schemes, then four steps
+    # Rows: the id schemes, rows against arrays, then the four steps.
+    assert report["stored_at_end"] == 1760 + 110 * 3 * (2 + 1 + 4)
+    # The arrays went into the HITs the service's statement inserts: 2 per batch, 3 batches.
+    assert report["hits_stored"] == 2 * 3
+    assert set(report["rows_or_arrays_ms_per_batch"]) == {"rows", "arrays_of_hits"}
     assert [step["indexes"] for step in report["steps"]] == [
         "all indexes",
         "without unique public_id",

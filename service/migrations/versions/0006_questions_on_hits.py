@@ -8,8 +8,8 @@ item, every question's status), a build writes 16 rows and a completion the HIT 
 anyway. A throwaway patch of the hot path measured 0.88-0.90 of the rows' CPU per HIT cycle in
 the slice pairs of ``scripts/bench_compare.py`` that the host did not disturb (issue 4), and
 this migration with its code 0.81, 0.96 and 0.92 in three runs of 12 pairs;
-``scripts/bench_question_indexes.py``-style timing of the insert alone: 11.5 ms per build as rows,
-2.9 as arrays.
+``scripts/bench_question_indexes.py`` times the build's insert alone: 12.3 ms per build as rows,
+3.5 as arrays of the HITs.
 
 What moves with it:
 
