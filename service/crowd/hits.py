@@ -5,14 +5,14 @@ are locked with ``SELECT ... FOR UPDATE SKIP LOCKED`` (concurrent builders take 
 and never wait on each other), the policy says how many more answers each needs, fresh leaf
 positions are sampled, the samples are shuffled within groups of ``hits_per_build`` HITs of
 ``questions_per_hit`` and dealt into them, hidden gold is added to each, every HIT gets a random
-public id (its questions' public ids are it plus their positions), the HITs are inserted with
-their questions as arrays of their rows (:mod:`service.crowd.questions`) and the payload a worker
-will receive serialised onto them, the batch's render
-job is recorded (it pre-renders the overlays the questions show; dispatched to the job runner once
-the caller commits) and the HITs' cost is reserved -- all in one savepoint, so a HIT exists exactly
-when its money is reserved. The reservation is the last statement, so the hot campaign row is
-locked only briefly. The randomness of a build comes from the operating system, or from a seed
-(:func:`seeded_sampling`) when a test or an experiment must be reproducible.
+public id (its questions' public ids are it plus their positions), the HITs are inserted with their
+questions as arrays of their rows (:mod:`service.crowd.questions`) and the payload a worker will
+receive serialised onto them, the batch's render job is recorded (it pre-renders the overlays the
+questions show; dispatched to the job runner once the caller commits) and the HITs' cost is
+reserved -- all in one savepoint, so a HIT exists exactly when its money is reserved. The
+reservation is the last statement, so the hot campaign row is locked only briefly. The randomness
+of a build comes from the operating system, or from a seed (:func:`seeded_sampling`) when a test or
+an experiment must be reproducible.
 
 When HITs are built: a claim that finds none open builds ``build_batch_hits`` of them; on
 PostgreSQL it does so under a per-campaign advisory lock, so one request builds and the others
@@ -27,9 +27,8 @@ job calls (it also retires HITs past their lifetime).
 
 Answering (:func:`record_answers`): the assignment row locked with its answers
 (:mod:`service.crowd.answers`), one read of the HIT's questions (arrays of its row), one update
-of the row; quality
-control and decisions follow in
-:mod:`service.crowd.quality` when the assignment is complete.
+of the row; quality control and decisions follow in :mod:`service.crowd.quality` when the
+assignment is complete.
 
 This module is the portable implementation (PostgreSQL and SQLite) and handles every case;
 :mod:`service.crowd.fastpath` serves the common claim and submission on PostgreSQL in fewer round
