@@ -418,8 +418,8 @@ def _write(c: ClusterRow, decided: datetime | None) -> dict:
 
 def ancestors(session: Session | Connection, cluster_ids: Sequence[int]) -> dict[int, list[int]]:
     """Each cluster's ancestor rows, parent first (a recursive walk up ``parent_id``, primary-key
-    lookups only). Questions are then read by ``cluster_id``, which is indexed, rather than joined
-    to the recursive result (the planner cannot estimate its size and scans all questions)."""
+    lookups only). Their questions are then read through each cluster's ``sample_hit_ids``
+    (:func:`service.crowd.questions.of_clusters`)."""
     if not cluster_ids:
         return {}
     start = (
