@@ -169,7 +169,7 @@ def test_bench_request_overhead_runs():
 def test_bench_cycle_cpu_runs_its_variants_alternately():
     report = _run(
         "bench_cycle_cpu.py",
-        *("--cycles", "2", "--rounds", "2", "--warmup", "1", "--repeat", "2"),
+        *("--cycles", "4", "--rounds", "2", "--warmup", "1", "--repeat", "2"),
         *("--variant", "ff50=ALTER TABLE clusters SET (fillfactor = 50)"),
         *("--variant", "migrated="),
     )
@@ -179,14 +179,17 @@ def test_bench_cycle_cpu_runs_its_variants_alternately():
     }
     for variant in report["variants"].values():
         assert len(variant["rounds"]) == 4  # 2 rounds x 2 runs
-        assert variant["python_ms_per_cycle"] > 0 and variant["postgres_ms_per_cycle"] > 0
-        assert variant["postgres_per_python"] > 0
+        assert variant["python_ms_per_cycle"] > 0
+        # PostgreSQL's CPU comes from /proc in clock ticks (10 ms): a round of a few cycles may
+        # read 0, so only the whole run's is sure to show.
+        assert variant["postgres_ms_per_cycle"] >= 0 and variant["postgres_per_python"] >= 0
         assert len(variant["hot_update_share"]) == 2
         # Each cycle counted answers into clusters and completed a HIT (its questions' statuses
         # are arrays of its row, migration 0006): both tables were updated in every run.
         for run in variant["hot_update_share"]:
             assert set(run) == {"hits", "assignments", "clusters", "workers", "campaigns"}
             assert 0 < run["clusters"] <= 1 and run["hits"] is not None
+    assert sum(pg for v in report["variants"].values() for _, pg in v["rounds"]) > 0
 
 
 @pytest.mark.parametrize(
