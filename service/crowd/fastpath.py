@@ -404,7 +404,7 @@ def _campaign(row: Sequence[Any]) -> CampaignInfo:
 
 _OPEN = QuestionStatus.OPEN.value
 _SAMPLE, _GOLD = QuestionKind.SAMPLE, QuestionKind.GOLD
-_CODES = [hit_questions.position_code(i) for i in range(hit_questions.MAX_PER_HIT)]
+_CODES = hit_questions.POSITION_CODES
 
 
 class _Question(NamedTuple):

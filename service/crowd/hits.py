@@ -536,12 +536,9 @@ def _hit_questions(
     cluster_ids, tree_ids, leaf_pos, gold_ids, names = (
         [column[i] for i in order] for column in columns
     )
-    ids = [hit_public_id + code for code in _POSITION_CODES[: len(order)]]
+    ids = [hit_public_id + code for code in hit_questions.POSITION_CODES[: len(order)]]
     payload = encode_payload(list(zip(ids, names, strict=True)))
     return _NewHit(hit_public_id, cluster_ids, tree_ids, leaf_pos, gold_ids, payload)
-
-
-_POSITION_CODES = [hit_questions.position_code(i) for i in range(hit_questions.MAX_PER_HIT)]
 
 
 def build_hits(
@@ -704,9 +701,6 @@ _PG_OPEN_QUESTIONS = (
     "FROM unnest(%(ids)b::integer[], %(ks)b::integer[], %(hits)b::text[]) AS d(id, k, hits) "
     "WHERE c.id = d.id"
 )
-_SAMPLE_HITS = select(_CL.c.id, _CL.c.sample_hit_ids).where(
-    _CL.c.id.in_(bindparam("ids", expanding=True))
-)
 _OPEN_QUESTIONS = (
     update(_CL)
     .where(_CL.c.id == bindparam("cid"))
@@ -733,10 +727,10 @@ def _open_questions(
         }
         driver_connection(session).execute(_PG_OPEN_QUESTIONS, params, prepare=True, binary=True)
         return
-    known = dict(session.execute(_SAMPLE_HITS, {"ids": ids}).all())
+    known = hit_questions.sample_hit_ids(session, ids)
     session.execute(
         _OPEN_QUESTIONS,
-        [{"cid": i, "k": opened[i], "hits": (known.get(i) or []) + holders[i]} for i in ids],
+        [{"cid": i, "k": opened[i], "hits": known.get(i, []) + holders[i]} for i in ids],
     )
 
 

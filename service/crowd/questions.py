@@ -33,6 +33,7 @@ __all__ = [
     "COLUMNS",
     "MAX_PER_HIT",
     "POSITION_BITS",
+    "POSITION_CODES",
     "HitQuestion",
     "by_public_id",
     "expected_answers",
@@ -44,6 +45,7 @@ __all__ = [
     "position_code",
     "public_id",
     "question_id",
+    "sample_hit_ids",
     "set_statuses",
     "split_public_id",
     "unpack",
@@ -70,8 +72,10 @@ COLUMNS = (
 
 # Two base64url characters per position: 4,096 codes, more than MAX_PER_HIT.
 _DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-_CODES = tuple(a + b for a in _DIGITS for b in _DIGITS)[:MAX_PER_HIT]
-_POSITION_OF = {code: i for i, code in enumerate(_CODES)}
+#: Each position's two characters, by position (hot paths index this rather than call
+#: :func:`position_code` per question).
+POSITION_CODES = tuple(a + b for a in _DIGITS for b in _DIGITS)[:MAX_PER_HIT]
+_POSITION_OF = {code: i for i, code in enumerate(POSITION_CODES)}
 #: Length of a HIT's public id (:func:`service.crowd.hits.new_public_ids`).
 HIT_PUBLIC_ID_LENGTH = 24
 
@@ -86,11 +90,11 @@ def hit_of(qid: int) -> tuple[int, int]:
 
 
 def position_code(position: int) -> str:
-    return _CODES[position]
+    return POSITION_CODES[position]
 
 
 def public_id(hit_public_id: str, position: int) -> str:
-    return hit_public_id + _CODES[position]
+    return hit_public_id + POSITION_CODES[position]
 
 
 def split_public_id(pid: str) -> tuple[str, int] | None:
@@ -131,7 +135,7 @@ def unpack(hit_id: int, row: Sequence) -> list[HitQuestion]:
                 question_id(hit_id, position),
                 hit_id,
                 position,
-                hit_public_id + _CODES[position],
+                hit_public_id + POSITION_CODES[position],
                 QuestionKind.SAMPLE if gold is None else QuestionKind.GOLD,
                 _STATUSES[status],
                 clusters[position],
@@ -169,16 +173,21 @@ _SAMPLE_HITS = select(_CL.c.id, _CL.c.sample_hit_ids).where(
 )
 
 
+def sample_hit_ids(session: Session, cluster_ids: Iterable[int]) -> dict[int, list[int]]:
+    """The HITs holding samples of each of these clusters, in build order (``[]``: none yet)."""
+    ids = sorted(set(cluster_ids))
+    if not ids:
+        return {}
+    rows = session.execute(_SAMPLE_HITS, {"ids": ids}).all()
+    return {int(cid): [int(h) for h in hits or ()] for cid, hits in rows}
+
+
 def of_clusters(session: Session, cluster_ids: Iterable[int]) -> list[HitQuestion]:
     """Every sample question about these clusters, whatever its status."""
     wanted = set(cluster_ids)
     if not wanted:
         return []
-    hits = {
-        int(h)
-        for _, hit_ids in session.execute(_SAMPLE_HITS, {"ids": sorted(wanted)}).all()
-        for h in hit_ids or ()
-    }
+    hits = {h for held in sample_hit_ids(session, wanted).values() for h in held}
     return [
         q
         for questions in of_hits(session, hits).values()
