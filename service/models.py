@@ -606,50 +606,28 @@ class QualificationAttempt(TimestampMixin, Base):
 
 
 class Question(TimestampMixin, Base):
-    """A qualification test's question (a gold item with a random ``public_id``). Since migration
-    0006 a HIT's questions are arrays of its row (:class:`Hit`, :mod:`service.crowd.questions`);
-    the HIT columns here (``hit_id`` to ``leaf_pos``) are where they were stored before, unused
-    now (``NULL``, position 0)."""
+    """A qualification test's question: a qualification gold item with a random ``public_id``.
+
+    A HIT's questions are not rows: they are arrays of their HIT's row (:class:`Hit`, migration
+    0006, read and written by :mod:`service.crowd.questions`), which is why ``kind`` is always
+    ``qualification`` here (migration 0007 dropped the columns HIT questions had used).
+    """
 
     __tablename__ = "questions"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     public_id: Mapped[str] = mapped_column(PublicId, unique=True)
-    kind: Mapped[QuestionKind] = mapped_column(_enum(QuestionKind, "question_kind"))
+    kind: Mapped[QuestionKind] = mapped_column(
+        _enum(QuestionKind, "question_kind"), default=QuestionKind.QUALIFICATION
+    )
     status: Mapped[QuestionStatus] = mapped_column(
         _enum(QuestionStatus, "question_status"), default=QuestionStatus.OPEN
     )
-    #: No foreign keys on ``hit_id``, ``cluster_id`` and ``gold_item_id`` (migration 0002): HIT
-    #: builds insert hundreds of questions per statement, together with their HIT, about
-    #: clusters the transaction holds locked and gold items it has just read, and a per-row key
-    #: check (a read and a share lock of the parent, per row) cost as much as the insert itself.
-    #: HITs, clusters and gold items are never deleted on their own.
-    hit_id: Mapped[int | None] = mapped_column(Integer)
-    position: Mapped[int] = mapped_column(Integer, default=0)
-    #: The sample's cluster.
-    cluster_id: Mapped[int | None] = mapped_column(Integer)
-    #: The cluster's tree, denormalised so a question resolves to ``(tree, leaf_pos)`` without a
-    #: join; not a foreign key either (the cluster's own key to its tree holds it).
-    tree_id: Mapped[int | None] = mapped_column(Integer)
-    leaf_pos: Mapped[int | None] = mapped_column(BigInteger)
-    gold_item_id: Mapped[int | None] = mapped_column(Integer)
+    #: A foreign key again since 0007: qualification questions are written once per gold item,
+    #: off the hot path that made 0002 drop it.
+    gold_item_id: Mapped[int] = mapped_column(ForeignKey("gold_items.id", ondelete="CASCADE"))
 
-    __table_args__ = (
-        CheckConstraint(
-            "(kind = 'sample' AND tree_id IS NOT NULL AND leaf_pos IS NOT NULL "
-            "AND cluster_id IS NOT NULL AND gold_item_id IS NULL) OR "
-            "(kind <> 'sample' AND gold_item_id IS NOT NULL AND tree_id IS NULL "
-            "AND leaf_pos IS NULL AND cluster_id IS NULL)",
-            name="target_matches_kind",
-        ),
-        CheckConstraint("leaf_pos IS NULL OR leaf_pos >= 0", name="leaf_pos_non_negative"),
-        Index(None, "hit_id", "position"),
-        Index(None, "cluster_id"),
-        # Room on every page for each of its rows to change once, so closing a HIT's questions
-        # (a status change, no indexed column) rewrites them in place (HOT) instead of adding an
-        # entry to each index (migration 0003 says what it measured).
-        {"postgresql_with": {"fillfactor": 45}},
-    )
+    __table_args__ = (CheckConstraint("kind = 'qualification'", name="qualification_only"),)
 
 
 class Answer(TimestampMixin, Base):

@@ -22,7 +22,7 @@ import io
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image as PILImage
@@ -34,6 +34,12 @@ from service.engine.treefile import TreeFile, read_tree_file
 from service.models import GoldItem, Image, Question, QuestionKind, Tree
 from service.settings import Settings
 from service.storage import Storage, StorageError
+
+if TYPE_CHECKING:
+    from service.crowd.questions import HitQuestion
+
+    #: What an overlay shows: a qualification question's row, or a HIT's question.
+    ShownQuestion = Question | HitQuestion
 
 #: Bump when the drawing changes, so cached overlays of the old style are not served any more.
 RENDER_VERSION = 1
@@ -294,7 +300,10 @@ _tree_files = TreeFileCache()
 
 
 def question_target(
-    session: Session, storage: Storage, question: Question, trees: TreeFileCache | None = None
+    session: Session,
+    storage: Storage,
+    question: ShownQuestion,
+    trees: TreeFileCache | None = None,
 ) -> tuple[Image, dict[str, Any]]:
     """The image row and the mask RLE a question shows."""
     if question.kind is QuestionKind.SAMPLE:
@@ -323,7 +332,7 @@ def question_target(
     return image, rle
 
 
-def overlay_key(question: Question, max_side: int = DEFAULT_MAX_SIDE) -> str:
+def overlay_key(question: ShownQuestion, max_side: int = DEFAULT_MAX_SIDE) -> str:
     """Storage key of a question's overlay, from what it shows (never from the question itself, so
     equal masks share a rendering). Server-side only: the public URL uses ``public_id``."""
     prefix = f"renders/v{RENDER_VERSION}/{max_side}"
@@ -336,7 +345,7 @@ def overlay_for_question(
     session: Session,
     storage: Storage,
     settings: Settings,
-    question: Question,
+    question: ShownQuestion,
     *,
     max_side: int = DEFAULT_MAX_SIDE,
     trees: TreeFileCache | None = None,

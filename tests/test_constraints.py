@@ -19,6 +19,7 @@ from service.models import (
     Backend,
     Campaign,
     Cluster,
+    GoldItem,
     Hit,
     Image,
     Project,
@@ -93,15 +94,21 @@ def world(session: Session) -> dict:
         public_id=f"a-{hit.id}",
         lease_expires_at=campaign.created_at,
     )
-    question = Question(
-        public_id=f"q-{hit.id}",
-        kind=QuestionKind.SAMPLE,
-        hit_id=hit.id,
-        cluster_id=cluster.id,
-        tree_id=tree.id,
-        leaf_pos=3,
+    gold = GoldItem(
+        project_id=project.id,
+        image_id=image.id,
+        class_id=project.classes[0].id,
+        rle={"size": [3, 4], "counts": "0<"},
+        iou=0.9,
+        expected=True,
+        for_qualification=True,
     )
-    session.add_all([assignment, question])
+    session.add_all([assignment, gold])
+    session.flush()
+    question = Question(
+        public_id=f"q-{hit.id}", kind=QuestionKind.QUALIFICATION, gold_item_id=gold.id
+    )
+    session.add(question)
     session.flush()
     session.commit()
     return {
@@ -111,6 +118,7 @@ def world(session: Session) -> dict:
         "campaign": campaign,
         "worker": worker,
         "assignment": assignment,
+        "gold": gold,
         "question": question,
         "hit": hit,
     }
@@ -215,15 +223,20 @@ def test_cluster_project_must_match_tree(session, world):
     _rejected(session, lambda: session.add(cluster))
 
 
-def test_sample_question_needs_a_leaf(session, world):
-    question = Question(
-        public_id="q-broken",
-        kind=QuestionKind.SAMPLE,
-        hit_id=world["hit"].id,
-        cluster_id=world["cluster"].id,
-        tree_id=world["tree"].id,
-        leaf_pos=None,
-    )
+@pytest.mark.parametrize(
+    ("kind", "gold"),
+    [
+        # A HIT's questions are arrays of its HIT row (migration 0006), never rows here.
+        (QuestionKind.SAMPLE, "existing"),
+        (QuestionKind.GOLD, "existing"),
+        (QuestionKind.QUALIFICATION, "missing"),
+        (QuestionKind.QUALIFICATION, "none"),
+    ],
+    ids=["sample", "gold", "unknown-gold-item", "no-gold-item"],
+)
+def test_questions_are_qualification_questions_of_a_gold_item(session, world, kind, gold):
+    gold_item_id = {"existing": world["gold"].id, "missing": 999_999, "none": None}[gold]
+    question = Question(public_id="q-broken", kind=kind, gold_item_id=gold_item_id)
     _rejected(session, lambda: session.add(question))
 
 

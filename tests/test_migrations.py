@@ -86,22 +86,24 @@ def test_models_match_migrations(pg_url):
 
 
 def test_storage_parameters_match_the_models(pg_url):
-    """``compare_metadata`` does not look at storage parameters: the migrated tables' fillfactor
-    must still be what the models declare (the hot path's HOT updates depend on it), and going
-    down a revision must restore the old one."""
+    """``compare_metadata`` does not look at storage parameters: every migrated table's must be
+    what the models declare (none since 0007 reset the fillfactor ``questions`` had for its HIT
+    questions' status changes), and going down must restore each revision's."""
     declared = {
-        table.name: table.dialect_options["postgresql"]["with"]
+        table.name: [
+            f"{k}={v}" for k, v in (table.dialect_options["postgresql"]["with"] or {}).items()
+        ]
+        or None
         for table in Base.metadata.sorted_tables
-        if table.dialect_options["postgresql"]["with"]
     }
-    assert declared == {"questions": {"fillfactor": 45}}
 
     def reloptions() -> dict[str, list[str] | None]:
         engine = make_engine(pg_url)
         try:
             with engine.connect() as conn:
                 rows = conn.exec_driver_sql(
-                    "SELECT relname, reloptions FROM pg_class WHERE relname = ANY(%(names)s)",
+                    "SELECT relname, reloptions FROM pg_class "
+                    "WHERE relkind = 'r' AND relname = ANY(%(names)s)",
                     {"names": list(declared)},
                 ).all()
         finally:
@@ -110,9 +112,11 @@ def test_storage_parameters_match_the_models(pg_url):
 
     try:
         migrate.upgrade(pg_url)
-        assert reloptions() == {"questions": ["fillfactor=45"]}
+        assert reloptions() == declared
+        migrate.downgrade(pg_url, "0006")
+        assert reloptions()["questions"] == ["fillfactor=45"]
         migrate.downgrade(pg_url, "0002")
-        assert reloptions() == {"questions": ["fillfactor=80"]}
+        assert reloptions()["questions"] == ["fillfactor=80"]
     finally:
         migrate.downgrade(pg_url, "base")
 
@@ -337,5 +341,104 @@ def test_0006_moves_hit_questions_onto_their_hits_and_back(empty_url):
                 conn.exec_driver_sql(f"DELETE FROM {table}")
             for table in ("project_classes", "projects", "api_keys"):
                 conn.exec_driver_sql(f"DELETE FROM {table}")
+        engine.dispose()
+        migrate.downgrade(empty_url, "base")
+
+
+def test_0007_keeps_qualification_questions_and_drops_the_hit_columns(empty_url):
+    """0007 drops what HIT questions used from ``questions``, keeps the qualification questions,
+    deletes those whose gold item is gone (their key is back), refuses to run over a question row
+    that is not a qualification question, and goes back down with the columns restored."""
+    migrate.upgrade(empty_url, "0006")
+    engine = make_engine(empty_url)
+    postgres = empty_url.startswith("postgresql")
+
+    def run(conn, sql: str, *rows: tuple) -> None:
+        for row in rows or ((),):
+            conn.exec_driver_sql(sql if postgres else sql.replace("%s", "?"), row)
+
+    def questions() -> list[tuple]:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT id, public_id, kind, gold_item_id FROM questions ORDER BY id"
+            ).all()
+        return [tuple(r) for r in rows]
+
+    def columns() -> set[str]:
+        return {c["name"] for c in inspect(engine).get_columns("questions")}
+
+    hit_columns = {"hit_id", "position", "cluster_id", "tree_id", "leaf_pos"}
+    try:
+        with engine.begin() as conn:
+            run(conn, "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES (1, 'k', 'p', 'h')")
+            run(
+                conn, "INSERT INTO projects (id, api_key_id, name, params) VALUES (1, 1, 'p', '{}')"
+            )
+            run(conn, "INSERT INTO project_classes (id, project_id, name) VALUES (1, 1, 'chair')")
+            run(
+                conn,
+                "INSERT INTO images (id, project_id, file_name, uri, width, height) "
+                "VALUES (1, 1, 'a.jpg', 'file:///a.jpg', 4, 3)",
+            )
+            run(
+                conn,
+                "INSERT INTO gold_items (id, project_id, image_id, class_id, rle, iou, expected, "
+                "for_qualification) VALUES (7, 1, 1, 1, '{}', 0.9, %s, %s)",
+                (True, True),
+            )
+            # Question 21's gold item (8) is gone, as after its project was deleted.
+            run(
+                conn,
+                "INSERT INTO questions (id, public_id, kind, status, position, gold_item_id) "
+                "VALUES (%s, %s, 'qualification', 'open', 0, %s)",
+                (20, "qualification-one", 7),
+                (21, "qualification-orphan", 8),
+            )
+            run(
+                conn,
+                "INSERT INTO questions (id, public_id, kind, status, hit_id, position, "
+                "cluster_id, tree_id, leaf_pos) VALUES (30, 'q-stray', 'sample', 'open', 1, 0, "
+                "5, 3, 40)",
+            )
+        with pytest.raises(RuntimeError, match="1 rows of questions are not qualification"):
+            migrate.upgrade(empty_url, "0007")
+        assert migrate.current(empty_url) == "0006" and len(questions()) == 3
+        with engine.begin() as conn:
+            run(conn, "DELETE FROM questions WHERE id = 30")
+
+        migrate.upgrade(empty_url, "0007")
+        assert questions() == [(20, "qualification-one", "qualification", 7)]
+        assert not columns() & hit_columns
+        assert not {i["name"] for i in inspect(engine).get_indexes("questions")} & {
+            "ix_questions_cluster_id",
+            "ix_questions_hit_id_position",
+        }
+        if postgres:
+            with engine.connect() as conn:
+                options = conn.exec_driver_sql(
+                    "SELECT reloptions FROM pg_class WHERE relname = 'questions'"
+                ).scalar_one()
+            assert options is None
+
+        migrate.downgrade(empty_url, "0006")
+        assert hit_columns <= columns()
+        with engine.connect() as conn:
+            kept = conn.exec_driver_sql(
+                "SELECT id, hit_id, position, cluster_id, tree_id, leaf_pos, gold_item_id "
+                "FROM questions"
+            ).all()
+        assert [tuple(r) for r in kept] == [(20, None, 0, None, None, None, 7)]
+        with engine.connect() as conn, pytest.raises(sa.exc.IntegrityError):
+            # The target CHECK is back: a sample needs its leaf.
+            run(
+                conn,
+                "INSERT INTO questions (id, public_id, kind, status, hit_id, position, "
+                "cluster_id, tree_id) VALUES (31, 'q-leafless', 'sample', 'open', 1, 0, 5, 3)",
+            )
+    finally:
+        with engine.begin() as conn:
+            for table in ("questions", "gold_items", "images", "project_classes", "projects"):
+                conn.exec_driver_sql(f"DELETE FROM {table}")
+            conn.exec_driver_sql("DELETE FROM api_keys")
         engine.dispose()
         migrate.downgrade(empty_url, "base")

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from service.crowd import questions as hit_questions
 from service.db import Database
 from service.jobs import JobContext
-from service.models import Question
+from service.models import Question, QuestionKind
 from service.render import (
     TreeFileCache,
     open_image,
@@ -114,6 +114,12 @@ def render_hits(
     return _render(database, storage, settings, load, progress)
 
 
+def _tree_order(question: Any) -> tuple[int, int, int]:
+    if question.kind is QuestionKind.SAMPLE:
+        return (0, question.tree_id, question.leaf_pos)
+    return (1, question.gold_item_id, 0)
+
+
 def _render(
     database: Database,
     storage: Storage,
@@ -127,10 +133,9 @@ def _render(
     todo: list[tuple[str, str, dict[str, Any]]] = []  # (key, image uri, rle)
     trees = TreeFileCache()
     with database.session() as session:
-        # Tree order, so each tree file is read once.
-        questions = sorted(
-            load(session), key=lambda q: (q.tree_id or 0, q.leaf_pos or 0, q.gold_item_id or 0)
-        )
+        # Tree order, so each tree file is read once (gold and qualification questions, which
+        # show a gold item and have no tree, after the samples).
+        questions = sorted(load(session), key=_tree_order)
         planned: set[str] = set()
         for question in questions:
             key = overlay_key(question)

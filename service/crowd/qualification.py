@@ -1,7 +1,7 @@
 """The qualification test a worker passes before any paid work (Sec. 6 of the paper).
 
 The pool is the project's ``GoldItem`` rows with ``for_qualification=True``; each gets one
-``Question`` (kind ``qualification``, random public id, no HIT) the first time a test needs it. An
+``Question`` (kind ``qualification``, random public id) the first time a test needs it. An
 attempt shows ``qualification_items`` of them (default 10) and passes with ``qualification_pass``
 correct (default 8, scaled down if the pool is smaller). Retakes are limited
 (``qualification_max_attempts``) and spaced (``qualification_retry_seconds``).
@@ -85,9 +85,7 @@ def qualification_params(session: Session, project_id: int | None) -> CrowdParam
 
 def _ensure_pool(session: Session, project_id: int) -> None:
     """Give every qualification item of the project its question (once)."""
-    has_question = exists().where(
-        _Q.c.hit_id.is_(None), _Q.c.kind == QuestionKind.QUALIFICATION, _Q.c.gold_item_id == _G.c.id
-    )
+    has_question = exists().where(_Q.c.gold_item_id == _G.c.id)
     missing = session.scalars(
         select(_G.c.id).where(
             _G.c.project_id == project_id, _G.c.for_qualification.is_(True), ~has_question
@@ -101,8 +99,6 @@ def _ensure_pool(session: Session, project_id: int) -> None:
                     "public_id": new_public_id(),
                     "kind": QuestionKind.QUALIFICATION,
                     "status": QuestionStatus.OPEN,
-                    "hit_id": None,
-                    "position": 0,
                     "gold_item_id": gid,
                 }
                 for gid in missing
@@ -127,8 +123,6 @@ def _selection(session: Session, project_id: int, attempt_id: int, started: date
         select(_Q.c.id, _Q.c.public_id, _PC.c.name, _G.c.expected)
         .select_from(_Q.join(_G, _G.c.id == _Q.c.gold_item_id).join(_PC, _PC.c.id == _G.c.class_id))
         .where(
-            _Q.c.hit_id.is_(None),
-            _Q.c.kind == QuestionKind.QUALIFICATION,
             _G.c.project_id == project_id,
             _G.c.for_qualification.is_(True),
             _Q.c.created_at <= started,
@@ -226,8 +220,6 @@ def _pool_size(session: Session, project_id: int) -> int:
         select(func.count())
         .select_from(_Q.join(_G, _G.c.id == _Q.c.gold_item_id))
         .where(
-            _Q.c.hit_id.is_(None),
-            _Q.c.kind == QuestionKind.QUALIFICATION,
             _G.c.project_id == project_id,
             _G.c.for_qualification.is_(True),
         )

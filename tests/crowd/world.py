@@ -253,25 +253,20 @@ def stored_answers(db: Session, assignment_public_id: str) -> int:
 
 def correct_answers(db: Session, world: World | None, public_ids: list[str]) -> dict[str, bool]:
     """The right answer to each question: the leaf's truth, or the gold item's expected value."""
-    rows = db.execute(
-        select(
-            Question.public_id,
-            Question.kind,
-            Question.tree_id,
-            Question.leaf_pos,
-            GoldItem.expected,
+    # Qualification questions are rows; a HIT's questions are arrays of its row (migration 0006).
+    rows = [
+        (pid, kind, None, expected)
+        for pid, kind, expected in db.execute(
+            select(Question.public_id, Question.kind, GoldItem.expected)
+            .join(GoldItem, GoldItem.id == Question.gold_item_id)
+            .where(Question.public_id.in_(public_ids))
         )
-        .outerjoin(GoldItem, GoldItem.id == Question.gold_item_id)
-        .where(Question.public_id.in_(public_ids))
-    ).all()
-    # A HIT's questions are arrays of its row (migration 0006); qualification questions are rows.
+    ]
     found = stored_questions.of_public_ids(db, public_ids)
     expected = stored_questions.expected_answers(db, found.values())
-    rows += [
-        (q.public_id, q.kind, q.tree_id, q.leaf_pos, expected.get(q.id)) for q in found.values()
-    ]
+    rows += [(q.public_id, q.kind, q.leaf_pos, expected.get(q.id)) for q in found.values()]
     out = {}
-    for pid, kind, _tree_id, leaf_pos, expected in rows:
+    for pid, kind, leaf_pos, expected in rows:
         if QuestionKind(kind) is QuestionKind.SAMPLE:
             assert world is not None and world.truth is not None
             out[pid] = bool(world.truth[leaf_pos])

@@ -12,8 +12,10 @@ import pytest
 from PIL import Image as PILImage
 
 from service import render
+from service.crowd import questions as stored_questions
+from service.crowd.questions import HitQuestion
 from service.db import get_database
-from service.models import Image, Question, QuestionKind
+from service.models import Image, Question, QuestionKind, QuestionStatus
 from service.render import (
     EXAMPLES,
     example_iou,
@@ -152,30 +154,49 @@ def seeded(app, settings):
         return seed_project(session, storage, settings)
 
 
-def _question(db, **target) -> Question:
-    question = Question(public_id=secrets.token_urlsafe(16), **target)
+def _question(db, gold_item_id: int) -> Question:
+    """A qualification question: the only kind stored as a row of ``questions``."""
+    question = Question(
+        public_id=secrets.token_urlsafe(16),
+        kind=QuestionKind.QUALIFICATION,
+        gold_item_id=gold_item_id,
+    )
     db.add(question)
     db.commit()
     return question
 
 
+def _hit_question(kind: QuestionKind, position: int = 0, **target) -> HitQuestion:
+    """A HIT's question as :mod:`service.crowd.questions` reads it from its HIT row; rendering
+    reads only its target (the tree's leaf, or the gold item), so no HIT is stored."""
+    fields = {"cluster_id": None, "tree_id": None, "leaf_pos": None, "gold_item_id": None}
+    fields.update(target)
+    return HitQuestion(
+        id=stored_questions.question_id(1, position),
+        hit_id=1,
+        position=position,
+        public_id=stored_questions.public_id(secrets.token_urlsafe(18), position),
+        kind=kind,
+        status=QuestionStatus.OPEN,
+        **fields,
+    )
+
+
 def test_sample_and_gold_overlays_are_rendered_then_cached(db, settings, seeded, monkeypatch):
     storage = open_storage(settings.storage_url)
-    sample = _question(
-        db,
-        kind=QuestionKind.SAMPLE,
-        tree_id=seeded.tree_id,
-        cluster_id=seeded.cluster_id,
-        leaf_pos=3,
+    sample = _hit_question(
+        QuestionKind.SAMPLE, tree_id=seeded.tree_id, cluster_id=seeded.cluster_id, leaf_pos=3
     )
-    gold = _question(db, kind=QuestionKind.GOLD, gold_item_id=seeded.gold_ids[0])
-    for question in (sample, gold):
+    gold = _hit_question(QuestionKind.GOLD, 1, gold_item_id=seeded.gold_ids[0])
+    qualification = _question(db, seeded.qualification_ids[0])
+    for question in (sample, gold, qualification):
         key = overlay_key(question)
         assert not storage.exists(key)
         data = overlay_for_question(db, storage, settings, question)
         assert _decode(data).shape[:2] != (0, 0)
         assert storage.get_bytes(key) == data
     assert "/trees/" in overlay_key(sample) and "/gold/" in overlay_key(gold)
+    assert "/gold/" in overlay_key(qualification)
 
     # A cache hit neither reads the image nor renders.
     def boom(*_args, **_kwargs):
@@ -188,12 +209,8 @@ def test_sample_and_gold_overlays_are_rendered_then_cached(db, settings, seeded,
 
 def test_sample_overlay_outlines_the_tree_files_mask(db, settings, seeded):
     storage = open_storage(settings.storage_url)
-    question = _question(
-        db,
-        kind=QuestionKind.SAMPLE,
-        tree_id=seeded.tree_id,
-        cluster_id=seeded.cluster_id,
-        leaf_pos=0,
+    question = _hit_question(
+        QuestionKind.SAMPLE, tree_id=seeded.tree_id, cluster_id=seeded.cluster_id, leaf_pos=0
     )
     image, rle = render.question_target(db, storage, question)
     expected = render_overlay(open_image(image.uri, settings, storage), rle)
@@ -210,7 +227,7 @@ def test_question_whose_image_lies_outside_the_root_is_refused(db, settings, see
     image.uri = f"file://{outside}"
     db.commit()
     try:
-        question = _question(db, kind=QuestionKind.GOLD, gold_item_id=seeded.gold_ids[1])
+        question = _hit_question(QuestionKind.GOLD, gold_item_id=seeded.gold_ids[1])
         with pytest.raises(ValueError, match="neither under the image root"):
             overlay_for_question(db, storage, settings, question)
         assert not storage.exists(overlay_key(question))
@@ -227,16 +244,9 @@ def test_render_job_prerenders_once_and_reports(app, db, settings, seeded):
     from workers.render import render_job, render_questions
 
     storage = open_storage(settings.storage_url)
-    questions = [
-        _question(
-            db,
-            kind=QuestionKind.SAMPLE,
-            tree_id=seeded.tree_id,
-            cluster_id=seeded.cluster_id,
-            leaf_pos=pos,
-        )
-        for pos in (5, 6, 7)
-    ] + [_question(db, kind=QuestionKind.QUALIFICATION, gold_item_id=seeded.qualification_ids[3])]
+    # Qualification questions (rows); a HIT's questions render through render_hits
+    # (tests/crowd/test_render_ahead.py).
+    questions = [_question(db, gold_item_id) for gold_item_id in seeded.qualification_ids[4:8]]
     ids = [q.id for q in questions]
     assert not any(storage.exists(overlay_key(q)) for q in questions)
     assert render_questions([*ids, 10**9], settings=settings) == 4
