@@ -28,6 +28,7 @@ from service.models import (
     Answer,
     Campaign,
     GoldItem,
+    Project,
     ProjectClass,
     QualificationAttempt,
     Question,
@@ -40,6 +41,7 @@ __all__ = ["Outcome", "QualificationTest", "grade_test", "qualification_params",
 
 _Q = Question.__table__
 _G = GoldItem.__table__
+_P = Project.__table__
 _PC = ProjectClass.__table__
 _QA = QualificationAttempt.__table__
 _A = Answer.__table__
@@ -86,11 +88,17 @@ def qualification_params(session: Session, project_id: int | None) -> CrowdParam
 def _ensure_pool(session: Session, project_id: int) -> None:
     """Give every qualification item of the project its question (once)."""
     has_question = exists().where(_Q.c.gold_item_id == _G.c.id)
-    missing = session.scalars(
-        select(_G.c.id).where(
-            _G.c.project_id == project_id, _G.c.for_qualification.is_(True), ~has_question
-        )
-    ).all()
+    without_question = select(_G.c.id).where(
+        _G.c.project_id == project_id, _G.c.for_qualification.is_(True), ~has_question
+    )
+    if not session.scalars(without_question.limit(1)).first():
+        return
+    # Two workers starting the project's first tests at once would both find the items
+    # without a question and both insert them, and a test could then show one mask twice. The
+    # project's row serialises the writers (on SQLite, BEGIN IMMEDIATE already does); the second
+    # reads again once the first has committed and finds nothing left to add.
+    session.execute(select(_P.c.id).where(_P.c.id == project_id).with_for_update(key_share=True))
+    missing = session.scalars(without_question).all()
     if missing:
         session.execute(
             insert(_Q),

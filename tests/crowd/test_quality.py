@@ -4,16 +4,22 @@ fails, and limits and spaces retakes."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
+from service.crowd.qualification import _ensure_pool
 from service.crowd.quality import assignment_stats
+from service.db import get_database
 from service.models import (
     Assignment,
     Campaign,
     Cluster,
     ClusterState,
+    GoldItem,
+    Question,
     QuestionKind,
     QuestionStatus,
     Worker,
@@ -278,6 +284,39 @@ def test_qualification_fail_retake_spacing_and_limit(client, db):
     wait_out()
     done = client.get("/api/v1/work/qualification", headers=headers)
     assert done.status_code == 403 and done.get_json()["error"]["code"] == "no_attempts_left"
+
+
+def test_first_tests_started_at_once_get_one_question_per_item(app, client, db):
+    """Two workers start a project's first tests at the same moment (PostgreSQL, read committed):
+    the second waits for the first's new questions instead of adding copies of its own, which
+    could show one mask twice in a test."""
+    world = _qual_world(client, db, "qual-race")
+    engine = get_database(app).engine
+    with Session(engine) as first, Session(engine) as second:
+        _ensure_pool(first, world.project_id)  # uncommitted: the second cannot see its rows
+        done = threading.Event()
+
+        def start_second() -> None:
+            _ensure_pool(second, world.project_id)
+            second.commit()
+            done.set()
+
+        thread = threading.Thread(target=start_second)
+        thread.start()
+        try:
+            assert not done.wait(0.5), "the second did not wait for the first"
+            first.commit()
+            assert done.wait(10)
+        finally:
+            first.rollback()
+            thread.join(10)
+    per_item = db.execute(
+        select(Question.gold_item_id, func.count())
+        .join(GoldItem, GoldItem.id == Question.gold_item_id)
+        .where(GoldItem.project_id == world.project_id)
+        .group_by(Question.gold_item_id)
+    ).all()
+    assert len(per_item) == 10 and {n for _, n in per_item} == {1}
 
 
 def test_qualification_answers_must_match_the_test(client, db):
