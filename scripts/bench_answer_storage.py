@@ -4,7 +4,8 @@
 
 Groundwork for the crowd hot path (issue 4): until migration 0005 a submission inserted one
 ``answers`` row per question (55 per HIT) and closed the HIT's 55 ``questions`` rows. This
-measures, on a throwaway PostgreSQL with the real schema (migrated) plus a table of answer rows
+measures, on a throwaway PostgreSQL with the real schema as migration 0006 left it (``SCHEMA``:
+the last whose ``questions`` has the columns of a HIT's questions) plus a table of answer rows
 shaped as ``answers`` was before 0005 (``answer_rows``), in one session with prepared statements,
 the median time of that against inserting the same answers as one row of arrays, each followed by
 its commit. Wall time on loopback, so it includes one round trip per statement; run on a quiet
@@ -26,6 +27,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 QUESTIONS = 55
+#: The last revision whose ``questions`` still has the columns of a HIT's questions, which the
+#: rows being measured close (0007 drops them).
+SCHEMA = "0006"
 
 _NEW_QUESTIONS = """
 INSERT INTO questions (public_id, kind, status, hit_id, position, cluster_id, tree_id, leaf_pos,
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     server = PostgresServer().start()
     try:
-        migrate.upgrade(server.create_database("bench"))
+        migrate.upgrade(server.create_database("bench"), SCHEMA)
         with psycopg.connect(server.dsn("bench")) as conn:
             for statement in [*_ANSWER_ROWS, _ANSWER_SETS]:
                 conn.execute(statement)

@@ -3,8 +3,9 @@
 Why arrays and not a row per question: a HIT's questions are made together, sent together and
 closed together. As rows, a build's 880 questions (16 HITs of 55) were inserted with four index
 entries each and updated again when their HIT completed: 5-19% of the CPU of a whole HIT cycle
-(three runs of ``scripts/bench_compare.py``, median 8%); as arrays they are written with the HIT row that is inserted and updated anyway. The arrays
-are PostgreSQL arrays, JSON lists on SQLite; lists in Python either way.
+(three runs of ``scripts/bench_compare.py``, median 8%); as arrays they are written with the
+HIT row that is inserted and updated anyway. The arrays are PostgreSQL arrays, JSON lists on
+SQLite; lists in Python either way.
 
 A question is addressed by its HIT and its position there. In Python it has one integer id,
 :func:`question_id` (the HIT id shifted left by :data:`POSITION_BITS`, plus the position), so
