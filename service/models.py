@@ -623,9 +623,12 @@ class Question(TimestampMixin, Base):
     status: Mapped[QuestionStatus] = mapped_column(
         _enum(QuestionStatus, "question_status"), default=QuestionStatus.OPEN
     )
-    #: A foreign key again since 0007: qualification questions are written once per gold item,
-    #: off the hot path that made 0002 drop it.
-    gold_item_id: Mapped[int] = mapped_column(ForeignKey("gold_items.id", ondelete="CASCADE"))
+    #: One question per gold item (:func:`service.crowd.qualification._ensure_pool`). A foreign
+    #: key again since 0007: qualification questions are written once per gold item, off the hot
+    #: path that made 0002 drop it.
+    gold_item_id: Mapped[int] = mapped_column(
+        ForeignKey("gold_items.id", ondelete="CASCADE"), unique=True
+    )
 
     __table_args__ = (CheckConstraint("kind = 'qualification'", name="qualification_only"),)
 

@@ -223,6 +223,9 @@ def test_cluster_project_must_match_tree(session, world):
     _rejected(session, lambda: session.add(cluster))
 
 
+_GOLD_FIELDS = ("project_id", "image_id", "class_id", "rle", "iou", "expected")
+
+
 @pytest.mark.parametrize(
     ("kind", "gold"),
     [
@@ -231,13 +234,30 @@ def test_cluster_project_must_match_tree(session, world):
         (QuestionKind.GOLD, "existing"),
         (QuestionKind.QUALIFICATION, "missing"),
         (QuestionKind.QUALIFICATION, "none"),
+        (QuestionKind.QUALIFICATION, "asked"),  # world["question"] is this item's question
     ],
-    ids=["sample", "gold", "unknown-gold-item", "no-gold-item"],
+    ids=["sample", "gold", "unknown-gold-item", "no-gold-item", "second-for-the-item"],
 )
 def test_questions_are_qualification_questions_of_a_gold_item(session, world, kind, gold):
-    gold_item_id = {"existing": world["gold"].id, "missing": 999_999, "none": None}[gold]
+    other = GoldItem(**{c: getattr(world["gold"], c) for c in _GOLD_FIELDS})
+    session.add(other)
+    session.flush()  # an item without a question: only the case's own fault is refused
+    gold_item_id = {"existing": other.id, "missing": 999_999, "none": None}.get(
+        gold, world["gold"].id
+    )
     question = Question(public_id="q-broken", kind=kind, gold_item_id=gold_item_id)
     _rejected(session, lambda: session.add(question))
+
+
+def test_a_question_for_an_item_without_one_is_accepted(session, world):
+    other = GoldItem(**{c: getattr(world["gold"], c) for c in _GOLD_FIELDS})
+    session.add(other)
+    session.flush()
+    session.add(
+        Question(public_id="q-fine", kind=QuestionKind.QUALIFICATION, gold_item_id=other.id)
+    )
+    session.flush()
+    session.rollback()
 
 
 def test_unknown_enum_value_rejected(session, world):

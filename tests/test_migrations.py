@@ -347,8 +347,10 @@ def test_0006_moves_hit_questions_onto_their_hits_and_back(empty_url):
 
 def test_0007_keeps_qualification_questions_and_drops_the_hit_columns(empty_url):
     """0007 drops what HIT questions used from ``questions``, keeps the qualification questions,
-    deletes those whose gold item is gone (their key is back), refuses to run over a question row
-    that is not a qualification question, and goes back down with the columns restored."""
+    deletes those whose gold item is gone (their key is back), merges copies of one gold item's
+    question into the oldest (answers follow it; an attempt's second answer to the same mask
+    goes), refuses to run over a question row that is not a qualification question, and goes back
+    down with the columns restored."""
     migrate.upgrade(empty_url, "0006")
     engine = make_engine(empty_url)
     postgres = empty_url.startswith("postgresql")
@@ -386,13 +388,37 @@ def test_0007_keeps_qualification_questions_and_drops_the_hit_columns(empty_url)
                 "for_qualification) VALUES (7, 1, 1, 1, '{}', 0.9, %s, %s)",
                 (True, True),
             )
-            # Question 21's gold item (8) is gone, as after its project was deleted.
+            # Question 21's gold item (8) is gone, as after its project was deleted; 22 is a
+            # copy of 20 (gold item 7), as two first tests started at once could make.
             run(
                 conn,
                 "INSERT INTO questions (id, public_id, kind, status, position, gold_item_id) "
                 "VALUES (%s, %s, 'qualification', 'open', 0, %s)",
                 (20, "qualification-one", 7),
                 (21, "qualification-orphan", 8),
+                (22, "qualification-copy", 7),
+            )
+            run(
+                conn,
+                "INSERT INTO workers (id, backend, external_id, qualified, qualification_attempts, "
+                "gold_correct, gold_total, blocked) VALUES (1, 'local', 'w', %s, 2, 0, 0, %s)",
+                (False, False),
+            )
+            run(
+                conn,
+                "INSERT INTO qualification_attempts (id, worker_id, correct, total) "
+                "VALUES (%s, 1, 1, 1)",
+                (1,),
+                (2,),
+            )
+            # Attempt 1 answered the copy only; attempt 2 the mask twice, as 20 and as 22.
+            run(
+                conn,
+                "INSERT INTO answers (id, question_id, qualification_attempt_id, worker_id, "
+                "value, ms) VALUES (%s, %s, %s, 1, %s, %s)",
+                (1, 22, 1, True, 900),
+                (2, 20, 2, False, 800),
+                (3, 22, 2, True, 700),
             )
             run(
                 conn,
@@ -402,12 +428,24 @@ def test_0007_keeps_qualification_questions_and_drops_the_hit_columns(empty_url)
             )
         with pytest.raises(RuntimeError, match="1 rows of questions are not qualification"):
             migrate.upgrade(empty_url, "0007")
-        assert migrate.current(empty_url) == "0006" and len(questions()) == 3
+        assert migrate.current(empty_url) == "0006" and len(questions()) == 4
         with engine.begin() as conn:
             run(conn, "DELETE FROM questions WHERE id = 30")
 
         migrate.upgrade(empty_url, "0007")
         assert questions() == [(20, "qualification-one", "qualification", 7)]
+        with engine.connect() as conn:
+            answers = conn.exec_driver_sql(
+                "SELECT id, question_id, qualification_attempt_id, value, ms FROM answers "
+                "ORDER BY id"
+            ).all()
+        assert [tuple(r) for r in answers] == [(1, 20, 1, True, 900), (2, 20, 2, False, 800)]
+        with engine.connect() as conn, pytest.raises(sa.exc.IntegrityError):
+            run(
+                conn,
+                "INSERT INTO questions (id, public_id, kind, status, gold_item_id) "
+                "VALUES (23, 'qualification-again', 'qualification', 'open', 7)",
+            )
         assert not columns() & hit_columns
         assert not {i["name"] for i in inspect(engine).get_indexes("questions")} & {
             "ix_questions_cluster_id",
@@ -437,7 +475,16 @@ def test_0007_keeps_qualification_questions_and_drops_the_hit_columns(empty_url)
             )
     finally:
         with engine.begin() as conn:
-            for table in ("questions", "gold_items", "images", "project_classes", "projects"):
+            for table in (
+                "answers",
+                "qualification_attempts",
+                "workers",
+                "questions",
+                "gold_items",
+                "images",
+                "project_classes",
+                "projects",
+            ):
                 conn.exec_driver_sql(f"DELETE FROM {table}")
             conn.exec_driver_sql("DELETE FROM api_keys")
         engine.dispose()

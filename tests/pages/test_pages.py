@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import func, select, update
 
+from service.crowd.qualification import _ensure_pool
 from service.db import get_database
 from service.models import (
     Assignment,
@@ -189,13 +190,12 @@ def test_media_urls_and_headers_are_identical_for_gold_and_samples(client, db, s
 
 
 def test_media_conditional_get_and_unknown_ids(client, db, seeded):
-    question = Question(
-        public_id=secrets.token_urlsafe(16),
-        kind=QuestionKind.QUALIFICATION,
-        gold_item_id=seeded.qualification_ids[0],
-    )
-    db.add(question)
+    # A qualification question, as the first test of the project creates them (one per item).
+    _ensure_pool(db, seeded.project_id)
     db.commit()
+    question = db.scalar(
+        select(Question).where(Question.gold_item_id == seeded.qualification_ids[0])
+    )
     url = f"/media/q/{question.public_id}.jpg"
     first = client.get(url)
     assert first.status_code == 200 and first.headers["ETag"]

@@ -13,6 +13,13 @@ A qualification question whose gold item is gone (its project was deleted: gold 
 it, the question, without a key, stayed) cannot be shown or graded; the upgrade deletes such
 rows, as the key would have.
 
+A gold item has one question (a unique constraint). Two workers starting a project's first tests
+at once could each give its items a question (fixed with this migration); the upgrade merges such
+copies into the oldest: answers to a copy name the oldest instead, except where the same attempt
+also answered the oldest or an older copy (the same mask twice in one test), where the later
+answer row is deleted (the attempt's score, stored on the attempt, stays as it was graded). An
+attempt still open when this runs may find a different question in its test on its next read.
+
 Revision ID: 0007
 Revises: 0006
 Create Date: 2026-11-22
@@ -42,6 +49,24 @@ _HIT_COLUMNS = [
 ]
 
 
+# Portable SQL (PostgreSQL and SQLite). A question is a copy when an older one has its gold item.
+_OLDEST = "(SELECT min(o.id) FROM questions o WHERE o.gold_item_id = {q}.gold_item_id)"
+_DELETE_REPEATED_ANSWERS = """
+DELETE FROM answers WHERE id IN (
+    SELECT a.id FROM answers a JOIN questions q ON q.id = a.question_id
+    WHERE EXISTS (
+        SELECT 1 FROM answers earlier JOIN questions eq ON eq.id = earlier.question_id
+        WHERE earlier.qualification_attempt_id = a.qualification_attempt_id
+            AND eq.gold_item_id = q.gold_item_id AND eq.id < q.id))
+"""
+_ANSWERS_TO_OLDEST = f"""
+UPDATE answers SET question_id = (
+    SELECT {_OLDEST.format(q="q")} FROM questions q WHERE q.id = answers.question_id)
+WHERE question_id IN (SELECT q.id FROM questions q WHERE q.id > {_OLDEST.format(q="q")})
+"""
+_DELETE_COPIES = f"DELETE FROM questions WHERE id > {_OLDEST.format(q='questions')}"
+
+
 def _postgres() -> bool:
     return op.get_bind().dialect.name == "postgresql"
 
@@ -63,6 +88,9 @@ def upgrade() -> None:
         "DELETE FROM questions WHERE gold_item_id IS NULL "
         "OR gold_item_id NOT IN (SELECT id FROM gold_items)"
     )
+    op.execute(_DELETE_REPEATED_ANSWERS)
+    op.execute(_ANSWERS_TO_OLDEST)
+    op.execute(_DELETE_COPIES)
     # batch mode: SQLite copies the table; PostgreSQL alters it in place.
     with op.batch_alter_table("questions") as batch:
         batch.drop_index(op.f("ix_questions_hit_id_position"))
@@ -75,6 +103,7 @@ def upgrade() -> None:
         batch.create_check_constraint(
             op.f("ck_questions_qualification_only"), "kind = 'qualification'"
         )
+        batch.create_unique_constraint(op.f("uq_questions_gold_item_id"), ["gold_item_id"])
         batch.create_foreign_key(
             op.f("fk_questions_gold_item_id_gold_items"),
             "gold_items",
@@ -89,6 +118,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("questions") as batch:
         batch.drop_constraint(op.f("fk_questions_gold_item_id_gold_items"), type_="foreignkey")
+        batch.drop_constraint(op.f("uq_questions_gold_item_id"), type_="unique")
         batch.drop_constraint(op.f("ck_questions_qualification_only"), type_="check")
         batch.alter_column("gold_item_id", existing_type=sa.Integer(), nullable=True)
         for name, kind in _HIT_COLUMNS:
