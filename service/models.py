@@ -639,7 +639,7 @@ class Answer(TimestampMixin, Base):
 
     ``worker_id`` is the attempt's worker, copied for reading. ``question_id`` carries no foreign
     key (migration 0002): answers are inserted for the questions their attempt was given, which
-    are never deleted.
+    go only with their project's gold items, as the attempt and its answers do.
     """
 
     __tablename__ = "answers"
