@@ -3,12 +3,15 @@ and the migrated schema equals the models (no drift)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.operations import Operations
 from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
 
@@ -341,6 +344,74 @@ def test_0006_moves_hit_questions_onto_their_hits_and_back(empty_url):
                 conn.exec_driver_sql(f"DELETE FROM {table}")
             for table in ("project_classes", "projects", "api_keys"):
                 conn.exec_driver_sql(f"DELETE FROM {table}")
+        engine.dispose()
+        migrate.downgrade(empty_url, "base")
+
+
+def _migration_module(name: str):
+    """A revision file loaded as a module of its own, to call its helpers directly."""
+    path = Path(migrate.__file__).parent / "migrations" / "versions" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"revision_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_0006_gives_hits_public_ids_a_chunk_at_a_time(empty_url):
+    """0006's pass over the HITs reads them a chunk at a time (memory bounded by the chunk, not
+    by the number of HITs): with chunks of 2, five HITs all get a new public id of their own and a
+    payload naming their questions by it."""
+    revision = _migration_module("0006_questions_on_hits")
+    revision._CHUNK = 2
+    migrate.upgrade(empty_url, "0006")
+    engine = make_engine(empty_url)
+    old = [f"{n:024d}" for n in range(1, 6)]
+    payload = json.dumps([{"id": "q-old", "image_url": "/media/q/q-old.jpg", "class_name": "c"}])
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.insert(Hit.__table__),
+                [
+                    {
+                        "id": n,
+                        "campaign_id": 1,
+                        "cost_micros": 0,
+                        "public_id": pid,
+                        "payload": payload,
+                    }
+                    for n, pid in enumerate(old, start=1)
+                ]
+                + [
+                    {
+                        "id": 6,
+                        "campaign_id": 1,
+                        "cost_micros": 0,
+                        "public_id": "x" * 24,
+                        "payload": "[]",
+                    }
+                ],
+            )
+        with engine.begin() as conn, Operations.context(MigrationContext.configure(conn)):
+            revision._give_hits_public_ids()
+        with engine.connect() as conn:
+            rows = conn.execute(select(Hit.id, Hit.public_id, Hit.payload).order_by(Hit.id)).all()
+        assert [r.id for r in rows] == [1, 2, 3, 4, 5, 6]
+        assert len({r.public_id for r in rows}) == 6 and not {r.public_id for r in rows} & {
+            *old,
+            "x" * 24,
+        }
+        for row in rows[:5]:
+            (question,) = json.loads(row.payload)
+            expected = stored_questions.public_id(row.public_id, 0)
+            assert question == {
+                "id": expected,
+                "image_url": f"/media/q/{expected}.jpg",
+                "class_name": "c",
+            }
+        assert json.loads(rows[5].payload) == []
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM hits")
         engine.dispose()
         migrate.downgrade(empty_url, "base")
 

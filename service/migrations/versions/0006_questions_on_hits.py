@@ -194,30 +194,35 @@ def _postgres() -> bool:
     return op.get_bind().dialect.name == "postgresql"
 
 
-def _give_hits_public_ids() -> dict[int, str]:
-    bind = op.get_bind()
-    ids = {int(r[0]): _hit_public_id() for r in bind.execute(sa.text("SELECT id FROM hits"))}
-    if ids:
-        bind.execute(
-            sa.text("UPDATE hits SET public_id = :pid WHERE id = :id"),
-            [{"id": k, "pid": v} for k, v in ids.items()],
-        )
-    return ids
+#: HITs per pass of :func:`_give_hits_public_ids`: memory stays bounded however many HITs exist.
+_CHUNK = 1000
 
 
-def _rewrite_payloads(public_ids: dict[int, str]) -> None:
-    """Each HIT's payload names its questions by their new public ids (position order)."""
+def _give_hits_public_ids() -> None:
+    """Each HIT gets its random public id, and its payload names its questions by their new
+    public ids (position order); a chunk of HITs at a time, in id order."""
     bind = op.get_bind()
-    updates = []
-    for hit_id, payload in bind.execute(sa.text("SELECT id, payload FROM hits")).all():
-        questions = json.loads(payload or "[]")
-        for position, question in enumerate(questions):
-            pid = public_ids[int(hit_id)] + _code(position)
-            question["id"] = pid
-            question["image_url"] = f"/media/q/{pid}.jpg"
-        updates.append({"id": hit_id, "payload": json.dumps(questions, separators=(",", ":"))})
-    if updates:
-        bind.execute(sa.text("UPDATE hits SET payload = :payload WHERE id = :id"), updates)
+    select_chunk = sa.text("SELECT id, payload FROM hits WHERE id > :after ORDER BY id LIMIT :n")
+    update = sa.text("UPDATE hits SET public_id = :pid, payload = :payload WHERE id = :id")
+    after = 0
+    while rows := bind.execute(select_chunk, {"after": after, "n": _CHUNK}).all():
+        updates = []
+        for hit_id, payload in rows:
+            hit_public_id = _hit_public_id()
+            questions = json.loads(payload or "[]")
+            for position, question in enumerate(questions):
+                pid = hit_public_id + _code(position)
+                question["id"] = pid
+                question["image_url"] = f"/media/q/{pid}.jpg"
+            updates.append(
+                {
+                    "id": hit_id,
+                    "pid": hit_public_id,
+                    "payload": json.dumps(questions, separators=(",", ":")),
+                }
+            )
+        bind.execute(update, updates)
+        after = int(rows[-1][0])
 
 
 def upgrade() -> None:
@@ -228,7 +233,7 @@ def upgrade() -> None:
     op.add_column("clusters", sa.Column("sample_hit_ids", _array(sa.Integer), nullable=True))
     if _postgres():
         op.execute('ALTER TABLE hits ALTER COLUMN public_id TYPE varchar(64) COLLATE "C"')
-    public_ids = _give_hits_public_ids()
+    _give_hits_public_ids()
     op.execute(_TO_ARRAYS_POSTGRESQL if _postgres() else _to_arrays_sqlite())
     empty = "'{}'" if _postgres() else "'[]'"
     op.execute(
@@ -236,7 +241,6 @@ def upgrade() -> None:
         + ", ".join(f"{name} = {empty}" for name, _, _ in _ARRAYS)
         + " WHERE question_statuses IS NULL"
     )
-    _rewrite_payloads(public_ids)
     op.execute(_SAMPLE_HITS_POSTGRESQL if _postgres() else _SAMPLE_HITS_SQLITE)
     op.execute(_POSITIONS_POSTGRESQL if _postgres() else _POSITIONS_SQLITE)
     op.execute("DELETE FROM questions WHERE hit_id IS NOT NULL")
