@@ -222,6 +222,20 @@ def test_0005_moves_hit_answers_onto_their_assignments_and_back(empty_url):
         migrate.downgrade(empty_url, "base")
 
 
+def _run(conn, sql: str, *rows: tuple) -> None:
+    """Raw SQL with ``%s`` placeholders, once per row, on either database (SQLite's are ``?``)."""
+    postgres = conn.dialect.name == "postgresql"
+    for row in rows or ((),):
+        conn.exec_driver_sql(sql if postgres else sql.replace("%s", "?"), row)
+
+
+def _insert_project(conn) -> None:
+    """API key 1, its project 1 and the project's class 1 ("chair")."""
+    _run(conn, "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES (1, 'k', 'p', 'h')")
+    _run(conn, "INSERT INTO projects (id, api_key_id, name, params) VALUES (1, 1, 'p', '{}')")
+    _run(conn, "INSERT INTO project_classes (id, project_id, name) VALUES (1, 1, 'chair')")
+
+
 def test_0006_moves_hit_questions_onto_their_hits_and_back(empty_url):
     """A HIT's question rows become its arrays in position order, with new public ids (the HIT's
     own plus the position) that its payload names; answers name positions; a cluster lists the
@@ -244,50 +258,42 @@ def test_0006_moves_hit_questions_onto_their_hits_and_back(empty_url):
         ]
     )
 
-    def run(conn, sql: str, *rows: tuple) -> None:
-        for row in rows or ((),):
-            conn.exec_driver_sql(sql if postgres else sql.replace("%s", "?"), row)
-
     try:
         with engine.begin() as conn:
-            run(conn, "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES (1, 'k', 'p', 'h')")
-            run(
-                conn, "INSERT INTO projects (id, api_key_id, name, params) VALUES (1, 1, 'p', '{}')"
-            )
-            run(conn, "INSERT INTO project_classes (id, project_id, name) VALUES (1, 1, 'chair')")
-            run(
+            _insert_project(conn)
+            _run(
                 conn,
                 "INSERT INTO rounds (id, project_id, number, status) VALUES (1, 1, 1, 'ready')",
             )
-            run(
+            _run(
                 conn,
                 "INSERT INTO trees (id, project_id, round_id, class_id, uri, mask_count) "
                 "VALUES (3, 1, 1, 1, 'file:///t', 100)",
             )
-            run(
+            _run(
                 conn,
                 "INSERT INTO clusters (id, project_id, tree_id, node, lo, hi, size, score, state, "
                 "yes_count, no_count) VALUES (5, 1, 3, 9, 40, 50, 10, 0.9, 'active', 1, 0)",
             )
-            run(
+            _run(
                 conn,
                 "INSERT INTO hits (id, campaign_id, status, cost_micros, max_assignments, "
                 "lease_seconds, payload) VALUES (1, 1, 'completed', 0, 1, 900, %s), "
                 "(2, 1, 'open', 0, 1, 900, '[]')",
                 (payload,),
             )
-            run(
+            _run(
                 conn,
                 "INSERT INTO questions (id, public_id, kind, status, hit_id, position, cluster_id, "
                 "tree_id, leaf_pos, gold_item_id) VALUES (%s, %s, %s, %s, 1, %s, %s, %s, %s, %s)",
                 *[(q[0], old_ids[q[0]], q[2], q[3], q[1], *q[4:]) for q in questions],
             )
-            run(
+            _run(
                 conn,
                 "INSERT INTO questions (id, public_id, kind, status, position, gold_item_id) "
                 "VALUES (20, 'qualification-one', 'qualification', 'open', 0, 7)",
             )
-            run(
+            _run(
                 conn,
                 "INSERT INTO assignments (id, hit_id, worker_id, public_id, status, "
                 "lease_expires_at, gold_correct, gold_total, answer_question_ids, answer_values, "
@@ -426,10 +432,6 @@ def test_0007_keeps_qualification_questions_and_drops_the_hit_columns(empty_url)
     engine = make_engine(empty_url)
     postgres = empty_url.startswith("postgresql")
 
-    def run(conn, sql: str, *rows: tuple) -> None:
-        for row in rows or ((),):
-            conn.exec_driver_sql(sql if postgres else sql.replace("%s", "?"), row)
-
     def questions() -> list[tuple]:
         with engine.connect() as conn:
             rows = conn.exec_driver_sql(
@@ -443,17 +445,13 @@ def test_0007_keeps_qualification_questions_and_drops_the_hit_columns(empty_url)
     hit_columns = {"hit_id", "position", "cluster_id", "tree_id", "leaf_pos"}
     try:
         with engine.begin() as conn:
-            run(conn, "INSERT INTO api_keys (id, name, prefix, key_hash) VALUES (1, 'k', 'p', 'h')")
-            run(
-                conn, "INSERT INTO projects (id, api_key_id, name, params) VALUES (1, 1, 'p', '{}')"
-            )
-            run(conn, "INSERT INTO project_classes (id, project_id, name) VALUES (1, 1, 'chair')")
-            run(
+            _insert_project(conn)
+            _run(
                 conn,
                 "INSERT INTO images (id, project_id, file_name, uri, width, height) "
                 "VALUES (1, 1, 'a.jpg', 'file:///a.jpg', 4, 3)",
             )
-            run(
+            _run(
                 conn,
                 "INSERT INTO gold_items (id, project_id, image_id, class_id, rle, iou, expected, "
                 "for_qualification) VALUES (7, 1, 1, 1, '{}', 0.9, %s, %s)",
@@ -461,7 +459,7 @@ def test_0007_keeps_qualification_questions_and_drops_the_hit_columns(empty_url)
             )
             # Question 21's gold item (8) is gone, as after its project was deleted; 22 is a
             # copy of 20 (gold item 7), as two first tests started at once could make.
-            run(
+            _run(
                 conn,
                 "INSERT INTO questions (id, public_id, kind, status, position, gold_item_id) "
                 "VALUES (%s, %s, 'qualification', 'open', 0, %s)",
@@ -469,13 +467,13 @@ def test_0007_keeps_qualification_questions_and_drops_the_hit_columns(empty_url)
                 (21, "qualification-orphan", 8),
                 (22, "qualification-copy", 7),
             )
-            run(
+            _run(
                 conn,
                 "INSERT INTO workers (id, backend, external_id, qualified, qualification_attempts, "
                 "gold_correct, gold_total, blocked) VALUES (1, 'local', 'w', %s, 2, 0, 0, %s)",
                 (False, False),
             )
-            run(
+            _run(
                 conn,
                 "INSERT INTO qualification_attempts (id, worker_id, correct, total) "
                 "VALUES (%s, 1, 1, 1)",
@@ -483,7 +481,7 @@ def test_0007_keeps_qualification_questions_and_drops_the_hit_columns(empty_url)
                 (2,),
             )
             # Attempt 1 answered the copy only; attempt 2 the mask twice, as 20 and as 22.
-            run(
+            _run(
                 conn,
                 "INSERT INTO answers (id, question_id, qualification_attempt_id, worker_id, "
                 "value, ms) VALUES (%s, %s, %s, 1, %s, %s)",
@@ -491,7 +489,7 @@ def test_0007_keeps_qualification_questions_and_drops_the_hit_columns(empty_url)
                 (2, 20, 2, False, 800),
                 (3, 22, 2, True, 700),
             )
-            run(
+            _run(
                 conn,
                 "INSERT INTO questions (id, public_id, kind, status, hit_id, position, "
                 "cluster_id, tree_id, leaf_pos) VALUES (30, 'q-stray', 'sample', 'open', 1, 0, "
@@ -501,7 +499,7 @@ def test_0007_keeps_qualification_questions_and_drops_the_hit_columns(empty_url)
             migrate.upgrade(empty_url, "0007")
         assert migrate.current(empty_url) == "0006" and len(questions()) == 4
         with engine.begin() as conn:
-            run(conn, "DELETE FROM questions WHERE id = 30")
+            _run(conn, "DELETE FROM questions WHERE id = 30")
 
         migrate.upgrade(empty_url, "0007")
         assert questions() == [(20, "qualification-one", "qualification", 7)]
@@ -512,7 +510,7 @@ def test_0007_keeps_qualification_questions_and_drops_the_hit_columns(empty_url)
             ).all()
         assert [tuple(r) for r in answers] == [(1, 20, 1, True, 900), (2, 20, 2, False, 800)]
         with engine.connect() as conn, pytest.raises(sa.exc.IntegrityError):
-            run(
+            _run(
                 conn,
                 "INSERT INTO questions (id, public_id, kind, status, gold_item_id) "
                 "VALUES (23, 'qualification-again', 'qualification', 'open', 7)",
@@ -539,7 +537,7 @@ def test_0007_keeps_qualification_questions_and_drops_the_hit_columns(empty_url)
         assert [tuple(r) for r in kept] == [(20, None, 0, None, None, None, 7)]
         with engine.connect() as conn, pytest.raises(sa.exc.IntegrityError):
             # The target CHECK is back: a sample needs its leaf.
-            run(
+            _run(
                 conn,
                 "INSERT INTO questions (id, public_id, kind, status, hit_id, position, "
                 "cluster_id, tree_id) VALUES (31, 'q-leafless', 'sample', 'open', 1, 0, 5, 3)",
