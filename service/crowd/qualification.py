@@ -94,9 +94,10 @@ def _ensure_pool(session: Session, project_id: int) -> None:
     if not session.scalars(without_question.limit(1)).first():
         return
     # Two workers starting the project's first tests at once would both find the items
-    # without a question and both insert them, and a test could then show one mask twice. The
-    # project's row serialises the writers (on SQLite, BEGIN IMMEDIATE already does); the second
-    # reads again once the first has committed and finds nothing left to add.
+    # without a question and both insert them: the second would fail on the unique gold item
+    # (before 0007, a test could show one mask twice). The project's row serialises the
+    # writers (on SQLite, BEGIN IMMEDIATE already does); the second reads again once the first
+    # has committed and finds nothing left to add.
     session.execute(select(_P.c.id).where(_P.c.id == project_id).with_for_update(key_share=True))
     missing = session.scalars(without_question).all()
     if missing:
