@@ -500,7 +500,8 @@ class Hit(TimestampMixin, Base):
     #: written per HIT instead of one per question: inserting a build's 880 questions as rows,
     #: four indexes each, and closing them again, cost 5-19% of the CPU of a whole HIT cycle
     #: (three runs of ``scripts/bench_compare.py``, median 8%, issue 4). Read and written through
-    #: :mod:`service.crowd.questions` only.
+    #: :mod:`service.crowd.questions` only. CHECKs not declared here: 0006's on PostgreSQL (lengths,
+    #: statuses, targets matching kinds), 0008's on SQLite (lengths).
     question_cluster_ids: Mapped[list[int | None]] = mapped_column(_array(Integer), default=list)
     question_tree_ids: Mapped[list[int | None]] = mapped_column(_array(Integer), default=list)
     question_leaf_pos: Mapped[list[int | None]] = mapped_column(_array(BigInteger), default=list)
@@ -560,7 +561,8 @@ class Assignment(TimestampMixin, Base):
     #: cycle (``scripts/bench_compare.py``, issue 4). The row is locked by every writer, so an
     #: answer is stored at most once without a unique index. On PostgreSQL, CHECKs of migration
     #: 0005 (not declared here: SQLite cannot express them) still refuse a question answered twice,
-    #: arrays that do not line up and a negative time.
+    #: arrays that do not line up and a negative time; on SQLite, 0008's refuse arrays of
+    #: different lengths.
     answer_positions: Mapped[list[int] | None] = mapped_column(_array(Integer))
     answer_values: Mapped[list[bool] | None] = mapped_column(_array(Boolean))
     answer_ms: Mapped[list[int] | None] = mapped_column(_array(Integer))

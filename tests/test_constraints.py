@@ -374,3 +374,47 @@ def test_hit_questions_that_do_not_line_up_are_rejected_on_postgres(migrated_pg_
             _rejected(s, lambda: s.execute(update(Hit).where(Hit.id == hit.id).values(**change)))
     finally:
         database.dispose()
+
+
+@pytest.mark.parametrize(
+    ("table", "change"),
+    [
+        ("hits", {"question_tree_ids": [None]}),
+        ("hits", {"question_statuses": ["open"]}),
+        ("assignments", {"answer_values": [True]}),
+        ("assignments", {"answer_ms": [900, 900, 900]}),
+        ("assignments", {"answer_discard_reasons": ["gold 0/1"]}),
+        ("assignments", {"answer_ms": None}),
+        ("assignments", {"answer_positions": None, "answer_values": None, "answer_ms": None}),
+    ],
+    ids=[
+        "hit-lengths-differ",
+        "hit-statuses-short",
+        "answer-values-short",
+        "answer-ms-long",
+        "discard-reasons-short",
+        "answer-ms-missing",
+        "reasons-without-answers",
+    ],
+)
+def test_arrays_that_do_not_line_up_are_rejected_on_both_databases(session, world, table, change):
+    """The lengths of a HIT's question arrays and of an assignment's answer arrays must agree, on
+    SQLite too (migration 0008; PostgreSQL's CHECKs of 0005 and 0006 check more)."""
+    model = {"hits": Hit, "assignments": Assignment}[table]
+    row_id = world["hit" if table == "hits" else "assignment"].id
+    lined_up = (
+        _VALID_QUESTIONS
+        if table == "hits"
+        else {
+            "answer_positions": [5, 6],
+            "answer_values": [True, False],
+            "answer_ms": [900, 800],
+            "answer_discard_reasons": [None, "gold 0/1"],
+        }
+    )
+    session.execute(update(model).where(model.id == row_id).values(**lined_up))
+    session.flush()  # lined up: accepted
+    _rejected(
+        session,
+        lambda: session.execute(update(model).where(model.id == row_id).values(**change)),
+    )
