@@ -280,6 +280,15 @@ def test_blocked_worker_needs_reason(session, world):
     )
 
 
+#: An assignment's answers, lined up: two positions, values and times, one discarded.
+_VALID_ANSWERS = {
+    "answer_positions": [5, 6],
+    "answer_values": [True, False],
+    "answer_ms": [900, 800],
+    "answer_discard_reasons": [None, "gold 0/1"],
+}
+
+
 @pytest.mark.parametrize(
     "arrays",
     [
@@ -312,14 +321,7 @@ def test_hit_answers_that_do_not_line_up_are_rejected_on_postgres(migrated_pg_ur
             s.add(assignment)
             s.flush()
             s.execute(
-                update(Assignment)
-                .where(Assignment.id == assignment.id)
-                .values(
-                    answer_positions=[5, 6],
-                    answer_values=[True, False],
-                    answer_ms=[900, 800],
-                    answer_discard_reasons=[None, "gold 0/1"],
-                )
+                update(Assignment).where(Assignment.id == assignment.id).values(**_VALID_ANSWERS)
             )  # lined up: accepted
             changes = {"answer_discard_reasons": None, **arrays} if len(arrays) == 3 else arrays
             _rejected(
@@ -402,16 +404,7 @@ def test_arrays_that_do_not_line_up_are_rejected_on_both_databases(session, worl
     SQLite too (migration 0008; PostgreSQL's CHECKs of 0005 and 0006 check more)."""
     model = {"hits": Hit, "assignments": Assignment}[table]
     row_id = world["hit" if table == "hits" else "assignment"].id
-    lined_up = (
-        _VALID_QUESTIONS
-        if table == "hits"
-        else {
-            "answer_positions": [5, 6],
-            "answer_values": [True, False],
-            "answer_ms": [900, 800],
-            "answer_discard_reasons": [None, "gold 0/1"],
-        }
-    )
+    lined_up = _VALID_QUESTIONS if table == "hits" else _VALID_ANSWERS
     session.execute(update(model).where(model.id == row_id).values(**lined_up))
     session.flush()  # lined up: accepted
     _rejected(
